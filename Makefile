@@ -1,0 +1,56 @@
+# Two commands: `make run` serves the app, `make test` runs the whole suite.
+# Both bootstrap the same way: .venv, pinned requirements, the embedded models.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+export WORKBENCH_HOME ?= $(CURDIR)/workspace
+# llama-cpp-python compiles from source; use both cores. pip's wheel cache keeps the build.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: run test bench lint format browser models bootstrap shots clean
+
+run: bootstrap models
+	$(PY) -m streamlit run workbench/app.py
+
+test: bootstrap models browser
+	bash tests/run_suite.sh
+
+bench: bootstrap models
+	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider
+
+lint: bootstrap
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: bootstrap
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+
+bootstrap: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo ">> installing requirements into $(VENV) (first time: several minutes; llama-cpp-python compiles)"
+	# torch first, pinned: nothing may pull a newer (CUDA) build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+# Idempotent: assembles and converts only what is missing (about a minute, once).
+models: bootstrap
+	@$(PY) -m workbench prepare-models
+
+# Debian's Chromium for the browser tests (Playwright's own browser download does not work here).
+browser:
+	@test -x /usr/bin/chromium || { echo ">> installing Debian's chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# Screenshots of every page of a running app (make run in another terminal).
+shots: bootstrap
+	$(PY) tests/shoot.py http://127.0.0.1:8501 docs/screenshots
+
+clean:
+	rm -rf $(VENV) workspace

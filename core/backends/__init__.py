@@ -1,0 +1,32 @@
+"""Generation backends behind one protocol (core.backends.base.Backend), found by name.
+
+Each backend module is imported only when asked for, so listing backends never loads
+torch or llama.cpp.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from core.backends.base import Backend
+from core.errors import BadInput
+
+BACKENDS: dict[str, str] = {
+    "llamacpp": "core.backends.llamacpp:LlamaCppBackend",
+    "transformers": "core.backends.hf:TransformersBackend",
+    "ollama": "core.backends.ollama:OllamaBackend",
+    "echo": "core.backends.echo:EchoBackend",
+}
+# What a person picks from; `echo` exists for tests and demos of the plumbing.
+USER_BACKENDS = ("llamacpp", "transformers", "ollama")
+
+
+def make_backend(name: str, model: str | None = None, **options: Any) -> Backend:
+    if name not in BACKENDS:
+        raise BadInput(f"unknown backend {name!r}; choose one of {', '.join(USER_BACKENDS)}")
+    module, _, cls = BACKENDS[name].partition(":")
+    backend_cls = getattr(importlib.import_module(module), cls)
+    if model is None and name == "ollama":
+        raise BadInput("the ollama backend needs a model name (e.g. --model llama2:7b)")
+    return backend_cls(model, **options) if model is not None else backend_cls(**options)

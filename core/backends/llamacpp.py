@@ -1,0 +1,83 @@
+"""The embedded llama.cpp engine (llama-cpp-python) on a GGUF file, optionally with a LoRA adapter.
+
+The same engine and sampler as Ollama, so a sweep here behaves like a sweep there. The
+model stays loaded for the life of the backend (a sweep loads it once). Building the
+sampler arguments is a pure function, apart from the engine.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from core import models
+from core.backends.base import cut_at_stop, visible_pieces
+from core.decoding import DecodingParams
+from core.errors import BackendUnavailable
+
+
+def completion_kwargs(params: DecodingParams, stop: Sequence[str] = ()) -> dict[str, Any]:
+    """llama.cpp's names for our decoding parameters; no seed means a fresh one per call."""
+    return {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "repeat_penalty": params.repeat_penalty,
+        "seed": params.seed if params.seed is not None else random.randrange(2**31),
+        "stop": list(stop) or None,
+    }
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(
+        self, model: str | None = None, lora_path: str | None = None, n_ctx: int = 2048, n_threads: int | None = None
+    ) -> None:
+        self.model_path = models.resolve_generator(model, "llamacpp")
+        self.lora_path = lora_path or None
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.completion_tokens = 0
+        self._llm: Any = None
+        # One llama.cpp context is not safe to use from two threads at once.
+        self._lock = threading.Lock()
+
+    @property
+    def llm(self) -> Any:
+        if self._llm is None:
+            try:
+                from llama_cpp import Llama
+
+                self._llm = Llama(
+                    model_path=self.model_path,
+                    lora_path=self.lora_path,
+                    n_ctx=self.n_ctx,
+                    n_threads=self.n_threads,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise BackendUnavailable(f"llama.cpp could not load {self.model_path}: {exc}") from None
+        return self._llm
+
+    def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
+        answers = []
+        for prompt in prompts:
+            with self._lock:
+                out = self.llm.create_completion(prompt, **completion_kwargs(params, stop))
+            self.completion_tokens += out["usage"]["completion_tokens"]
+            answers.append(cut_at_stop(out["choices"][0]["text"], stop).strip())
+        return answers
+
+    def stream(self, prompt: str, params: DecodingParams, stop: Sequence[str] = ()) -> Iterator[str]:
+        with self._lock:
+            chunks = self.llm.create_completion(prompt, stream=True, **completion_kwargs(params, stop))
+            for piece in visible_pieces((c["choices"][0]["text"] for c in chunks), stop):
+                self.completion_tokens += 1
+                yield piece
+
+    def models(self) -> list[str]:
+        return [self.model_path]

@@ -1,0 +1,319 @@
+"""Datasets of question-answer pairs: import, status, split, export.
+
+Every change here is one store transaction: an import lands whole or not at all, and a
+pair's edits keep their history. Files are parsed by core.formats; this module never
+reads a file format itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from core import formats
+from core.errors import BadInput, NotFound
+from core.store import Store, now
+
+STATUSES = ("pending", "accepted", "rejected")
+PARTS = ("train", "test")
+STARTER_NAME = "starter"
+STARTER_FILE = Path(__file__).resolve().parent.parent / "data" / "research_qa.csv"
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    dataset: str
+    path: str
+    added: int
+    skipped_blank: int
+    status: str
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    id: int
+    question: str
+    answer: str
+    field: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    id: int
+    dataset: str
+    version: int
+    seed: int
+    test_size: float
+    stratified: bool
+    train: int
+    test: int
+
+
+def dataset_id(store: Store, name: str) -> int:
+    row = store.one("SELECT id FROM datasets WHERE name = ?", (name,))
+    if row is None:
+        known = ", ".join(list_datasets(store)) or "none yet"
+        raise NotFound(f"no dataset named {name!r} (known: {known})")
+    return row["id"]
+
+
+def list_datasets(store: Store) -> list[str]:
+    return [r["name"] for r in store.query("SELECT name FROM datasets ORDER BY id")]
+
+
+def status_counts(store: Store, name: str) -> dict[str, int]:
+    rows = store.query(
+        "SELECT status, COUNT(*) AS n FROM pairs WHERE dataset_id = ? GROUP BY status",
+        (dataset_id(store, name),),
+    )
+    counts = dict.fromkeys(STATUSES, 0)
+    counts.update({r["status"]: r["n"] for r in rows})
+    return counts
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 100 or any(c in name for c in "\n\r\t"):
+        raise BadInput(f"dataset name {name!r} must be 1-100 characters on one line")
+    return name
+
+
+def _ensure_dataset(store: Store, name: str, source: str) -> int:
+    row = store.one("SELECT id FROM datasets WHERE name = ?", (name,))
+    if row:
+        return row["id"]
+    return store.execute(
+        "INSERT INTO datasets (name, source, created_at) VALUES (?, ?, ?)", (name, source, now())
+    ).lastrowid
+
+
+def add_pairs(
+    store: Store,
+    dataset: str,
+    rows: list[formats.PairRow],
+    status: str,
+    source: str = "",
+    provenance: dict | None = None,
+) -> int:
+    """Add pairs to a dataset (created if new) in one transaction; returns how many."""
+    if status not in STATUSES:
+        raise BadInput(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    dataset = _check_name(dataset)
+    stamp = now()
+    prov = json.dumps(provenance or {})
+    with store.transaction() as conn:
+        ds = _ensure_dataset(store, dataset, source)
+        conn.executemany(
+            "INSERT INTO pairs (dataset_id, question, answer, field, status, metadata, provenance,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(ds, r.question, r.answer, r.field, status, json.dumps(r.metadata), prov, stamp, stamp) for r in rows],
+        )
+    return len(rows)
+
+
+def import_parsed(
+    store: Store, parsed: formats.ParsedFile, dataset: str | None = None, status: str = "accepted"
+) -> ImportSummary:
+    """Add the pairs of a parsed file (see core.formats) to a dataset, in one transaction."""
+    name = dataset or parsed.path.stem
+    source = str(parsed.path)
+    added = add_pairs(store, name, parsed.rows, status, source=source, provenance={"import": source})
+    return ImportSummary(name, source, added, parsed.skipped_blank, status)
+
+
+def describe_import(summary: ImportSummary) -> str:
+    skipped = summary.skipped_blank
+    blank = f", skipped {skipped} row(s) with a blank question or answer" if skipped else ""
+    return f"imported {summary.added} pair(s) into {summary.dataset!r} as {summary.status}{blank}"
+
+
+def import_file(store: Store, path: str | Path, dataset: str | None = None, status: str = "accepted") -> ImportSummary:
+    """Parse a CSV/JSON/JSONL file and add its pairs; a bad file changes nothing."""
+    return import_parsed(store, formats.read_pairs(path), dataset, status)
+
+
+def ensure_starter(store: Store) -> ImportSummary | None:
+    """Import the shipped starter dataset on a workspace's first run (never again, even if deleted)."""
+    if store.get_setting("starter_imported"):
+        return None
+    with store.transaction():
+        summary = import_file(store, STARTER_FILE, STARTER_NAME, "accepted")
+        store.set_setting("starter_imported", True)
+    return summary
+
+
+def pairs_frame(store: Store, dataset: str, status: str | None = None):
+    """The pairs of a dataset as a pandas DataFrame (id, question, answer, field, status, ...)."""
+    import pandas as pd
+
+    sql = "SELECT id, question, answer, field, status, metadata, version, updated_at FROM pairs WHERE dataset_id = ?"
+    args: list = [dataset_id(store, dataset)]
+    if status:
+        sql += " AND status = ?"
+        args.append(status)
+    return pd.read_sql_query(sql + " ORDER BY id", store.conn, params=args)
+
+
+def set_status(store: Store, pair_id: int, status: str) -> None:
+    update_pair(store, pair_id, status=status)
+
+
+def update_pair(store: Store, pair_id: int, expected_version: int | None = None, **changes: str) -> int:
+    """Change question/answer/field/status of one pair, recording history; returns the new version.
+
+    With `expected_version`, a change based on a stale copy (another tab edited the pair
+    since) is refused instead of silently overwriting it.
+    """
+    allowed = {"question", "answer", "field", "status"}
+    if unknown := set(changes) - allowed:
+        raise BadInput(f"cannot change {', '.join(sorted(unknown))} of a pair")
+    if "status" in changes and changes["status"] not in STATUSES:
+        raise BadInput(f"status must be one of {', '.join(STATUSES)}")
+    for col in ("question", "answer"):
+        if col in changes and not str(changes[col]).strip():
+            raise BadInput(f"the {col} cannot be empty")
+    with store.transaction() as conn:
+        row = conn.execute("SELECT * FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no pair with id {pair_id}")
+        if expected_version is not None and row["version"] != expected_version:
+            raise BadInput(f"pair {pair_id} was changed elsewhere since you opened it; reload to see the new version")
+        stamp = now()
+        changed = {k: v for k, v in changes.items() if row[k] != v}
+        if not changed:
+            return row["version"]
+        conn.executemany(
+            "INSERT INTO pair_history (pair_id, column_name, old_value, new_value, changed_at) VALUES (?, ?, ?, ?, ?)",
+            [(pair_id, k, row[k], v, stamp) for k, v in changed.items()],
+        )
+        sets = ", ".join(f"{k} = ?" for k in changed)
+        conn.execute(
+            f"UPDATE pairs SET {sets}, version = version + 1, updated_at = ? WHERE id = ?",
+            (*changed.values(), stamp, pair_id),
+        )
+        return row["version"] + 1
+
+
+def pair_history(store: Store, pair_id: int) -> list[dict]:
+    rows = store.query(
+        "SELECT column_name, old_value, new_value, changed_at FROM pair_history WHERE pair_id = ? ORDER BY id",
+        (pair_id,),
+    )
+    return [dict(r) for r in rows]
+
+
+def make_split(store: Store, dataset: str, test_size: float = 0.2, seed: int = 42) -> SplitInfo:
+    """Draw a new, frozen train/test split version over the accepted pairs.
+
+    Stratified by field: each field contributes round(n * test_size) pairs to test (at
+    least one when it has two or more), so small fields are not left out of evaluation.
+    Earlier versions stay untouched, so runs keep pointing at the split they used.
+    """
+    if not 0 < test_size < 1:
+        raise BadInput(f"test size must be between 0 and 1 (exclusive), got {test_size}")
+    ds = dataset_id(store, dataset)
+    rows = store.query("SELECT id, field FROM pairs WHERE dataset_id = ? AND status = 'accepted' ORDER BY id", (ds,))
+    if len(rows) < 2:
+        raise BadInput(f"dataset {dataset!r} has {len(rows)} accepted pair(s); a split needs at least 2")
+    by_field: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        by_field[r["field"]].append(r["id"])
+    rng = random.Random(seed)
+    test: set[int] = set()
+    stratified = len(by_field) > 1
+    for field in sorted(by_field):
+        ids = by_field[field]
+        rng.shuffle(ids)
+        n_test = round(len(ids) * test_size)
+        if len(ids) >= 2:
+            n_test = min(max(n_test, 1), len(ids) - 1)
+        test.update(ids[:n_test])
+    if not test:
+        test.add(rng.choice([r["id"] for r in rows]))
+    with store.transaction() as conn:
+        version = conn.execute(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM splits WHERE dataset_id = ?", (ds,)
+        ).fetchone()[0]
+        split_id = conn.execute(
+            "INSERT INTO splits (dataset_id, version, seed, test_size, stratified, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (ds, version, seed, test_size, int(stratified), now()),
+        ).lastrowid
+        conn.executemany(
+            "INSERT INTO split_members (split_id, pair_id, part) VALUES (?, ?, ?)",
+            [(split_id, r["id"], "test" if r["id"] in test else "train") for r in rows],
+        )
+    return split_info(store, split_id)
+
+
+def split_info(store: Store, split_id: int) -> SplitInfo:
+    row = store.one(
+        "SELECT s.*, d.name AS dataset,"
+        " (SELECT COUNT(*) FROM split_members m WHERE m.split_id = s.id AND m.part = 'train') AS n_train,"
+        " (SELECT COUNT(*) FROM split_members m WHERE m.split_id = s.id AND m.part = 'test') AS n_test"
+        " FROM splits s JOIN datasets d ON d.id = s.dataset_id WHERE s.id = ?",
+        (split_id,),
+    )
+    if row is None:
+        raise NotFound(f"no split with id {split_id}")
+    return SplitInfo(
+        row["id"],
+        row["dataset"],
+        row["version"],
+        row["seed"],
+        row["test_size"],
+        bool(row["stratified"]),
+        row["n_train"],
+        row["n_test"],
+    )
+
+
+def latest_split(store: Store, dataset: str) -> SplitInfo | None:
+    row = store.one(
+        "SELECT id FROM splits WHERE dataset_id = ? ORDER BY version DESC LIMIT 1", (dataset_id(store, dataset),)
+    )
+    return split_info(store, row["id"]) if row else None
+
+
+def select_pairs(
+    store: Store, dataset: str, part: str = "all", status: str = "accepted", split_id: int | None = None
+) -> list[StoredPair]:
+    """Pairs of a dataset, optionally only one part of a split (the latest unless given)."""
+    if part not in ("all", *PARTS):
+        raise BadInput(f"split part must be train, test or all, got {part!r}")
+    if status not in ("all", *STATUSES):
+        raise BadInput(f"status must be accepted, pending, rejected or all, got {status!r}")
+    sql = "SELECT p.id, p.question, p.answer, p.field FROM pairs p"
+    args: list = []
+    where = ["p.dataset_id = ?"]
+    args.append(dataset_id(store, dataset))
+    if part != "all":
+        if split_id is None:
+            split = latest_split(store, dataset)
+            if split is None:
+                raise BadInput(f"dataset {dataset!r} has no split yet; run `split --dataset {dataset}` first")
+            split_id = split.id
+        sql += " JOIN split_members m ON m.pair_id = p.id AND m.split_id = ? AND m.part = ?"
+        args[:0] = [split_id, part]
+    if status != "all":
+        where.append("p.status = ?")
+        args.append(status)
+    rows = store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY p.id", tuple(args))
+    return [StoredPair(r["id"], r["question"], r["answer"], r["field"]) for r in rows]
+
+
+def export_pairs(
+    store: Store, dataset: str, path: str | Path, fmt: str = "jsonl", part: str = "all", status: str = "accepted"
+) -> int:
+    """Write pairs to a JSONL or CSV file; returns how many were written."""
+    writers = {"jsonl": formats.write_jsonl, "csv": formats.write_csv}
+    if fmt not in writers:
+        raise BadInput(f"export format must be jsonl or csv, got {fmt!r}")
+    rows = select_pairs(store, dataset, part, status)
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise BadInput(f"{target}: folder {target.parent} does not exist")
+    return writers[fmt]([formats.PairRow(p.question, p.answer, p.field) for p in rows], target)

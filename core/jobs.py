@@ -1,0 +1,374 @@
+"""Background jobs: long work (generation, sweeps, training) in its own process.
+
+A job is a row in the store plus a process `python -m workbench run-job ID` in its own
+process group. The process reports progress, figures, log lines and a heartbeat through
+the store; anyone (a page, the CLI) reads them back. Liveness is judged from the process
+itself (pid + start time), so a job whose process died is shown `interrupted`, never a
+stale `running`. A job function must commit each finished item, so that `resume` skips it.
+This module never knows what a job does; kinds are looked up in JOB_KINDS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from core import workspace
+from core.errors import BadInput, NotFound, WorkbenchError
+from core.store import Store, now
+
+# kind -> "module:function"; functions take a JobContext. Imported lazily so that listing
+# jobs never loads torch.
+JOB_KINDS: dict[str, str] = {
+    "generate": "core.generation:run_generation_job",
+    "prepare-models": "core.models:prepare_models_job",
+}
+
+ACTIVE = ("queued", "running")
+RESUMABLE = ("interrupted", "cancelled", "failed")
+HEARTBEAT_SECONDS = 2.0
+CANCEL_GRACE_SECONDS = 5.0
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class JobCancelled(Exception):
+    """Raised inside a job when the user asked it to stop."""
+
+
+class JobPaused(WorkbenchError):
+    """A job cannot go on for now (e.g. its server vanished); it stops resumable."""
+
+
+@dataclass
+class JobInfo:
+    id: int
+    kind: str
+    params: dict[str, Any]
+    state: str
+    done: int
+    total: int | None
+    message: str
+    figures: dict[str, Any]
+    error: str
+    pid: int | None
+    attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    cancel_requested: bool = False
+    seconds_running: float = field(default=0.0)
+
+    @property
+    def fraction(self) -> float:
+        return min(self.done / self.total, 1.0) if self.total else 0.0
+
+    @property
+    def seconds_left(self) -> float | None:
+        """A naive estimate from this attempt's pace; None until there is one."""
+        rate = self.figures.get("items_per_s")
+        if not self.total or not rate or self.state != "running":
+            return None
+        return max(self.total - self.done, 0) / rate
+
+    @property
+    def resumable(self) -> bool:
+        return self.state in RESUMABLE
+
+
+def _row_to_info(row: Any) -> JobInfo:
+    started = row["started_at"]
+    end = row["finished_at"] or (now() if row["state"] == "running" else started)
+    return JobInfo(
+        id=row["id"],
+        kind=row["kind"],
+        params=json.loads(row["params"]),
+        state=row["state"],
+        done=row["done"],
+        total=row["total"],
+        message=row["message"],
+        figures=json.loads(row["figures"]),
+        error=row["error"],
+        pid=row["pid"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        started_at=started,
+        finished_at=row["finished_at"],
+        cancel_requested=row["cancel_requested_at"] is not None,
+        seconds_running=(end - started) if started and end else 0.0,
+    )
+
+
+# ---- the controlling side: pages and CLI -------------------------------------------------
+
+
+def submit(store: Store, kind: str, params: dict[str, Any], start: bool = True) -> int:
+    """Record a job and (by default) start its process; returns the job id."""
+    if kind not in JOB_KINDS:
+        raise BadInput(f"unknown job kind {kind!r}")
+    job_id = store.execute(
+        "INSERT INTO jobs (kind, params, state, created_at) VALUES (?, ?, 'queued', ?)",
+        (kind, json.dumps(params), now()),
+    ).lastrowid
+    if start:
+        spawn(store, job_id)
+    return job_id
+
+
+def spawn(store: Store, job_id: int) -> subprocess.Popen:
+    """Start the job's own process in a new process group (so cancel can end its children)."""
+    log_path = workspace.jobs_dir() / f"{job_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WORKBENCH_HOME": str(workspace.home())}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workbench", "run-job", str(job_id)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _record_process(store, job_id, proc.pid)
+    # Reap the child when it exits, so it does not linger as a zombie of a long-lived app.
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return proc
+
+
+def _record_process(store: Store, job_id: int, pid: int) -> None:
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        started = None
+    store.execute("UPDATE jobs SET pid = ?, pid_started = ? WHERE id = ?", (pid, started, job_id))
+
+
+def _alive(pid: int | None, pid_started: float | None) -> bool:
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # A different process may have been given the same pid (e.g. after a reboot).
+        return pid_started is None or abs(proc.create_time() - pid_started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def reconcile(store: Store) -> None:
+    """Bring job states in line with reality: dead processes, overdue cancels."""
+    rows = store.query("SELECT * FROM jobs WHERE state IN ('queued', 'running')")
+    for row in rows:
+        alive = _alive(row["pid"], row["pid_started"])
+        if not alive and row["pid"] is not None:
+            # Re-check under the write lock: the job may have finished on its own meanwhile.
+            with store.transaction() as conn:
+                state = conn.execute("SELECT state FROM jobs WHERE id = ?", (row["id"],)).fetchone()[0]
+                if state in ACTIVE:
+                    cancelled = row["cancel_requested_at"] is not None
+                    conn.execute(
+                        "UPDATE jobs SET state = ?, message = ?, finished_at = ? WHERE id = ?",
+                        (
+                            "cancelled" if cancelled else "interrupted",
+                            "cancelled" if cancelled else "the job's process ended unexpectedly; resume to continue",
+                            now(),
+                            row["id"],
+                        ),
+                    )
+        elif alive and row["cancel_requested_at"] and now() - row["cancel_requested_at"] > CANCEL_GRACE_SECONDS:
+            _terminate_group(row["pid"])
+
+
+def _terminate_group(pid: int) -> None:
+    try:
+        pgid = os.getpgid(pid)
+        os.killpg(pgid, signal.SIGTERM)
+        time.sleep(1.0)
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def get(store: Store, job_id: int) -> JobInfo:
+    reconcile(store)
+    row = store.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    if row is None:
+        raise NotFound(f"no job with id {job_id}")
+    return _row_to_info(row)
+
+
+def list_jobs(store: Store, kind: str | None = None, limit: int = 100) -> list[JobInfo]:
+    reconcile(store)
+    sql, args = "SELECT * FROM jobs", ()
+    if kind:
+        sql, args = sql + " WHERE kind = ?", (kind,)
+    return [_row_to_info(r) for r in store.query(sql + f" ORDER BY id DESC LIMIT {int(limit)}", args)]
+
+
+def request_cancel(store: Store, job_id: int) -> JobInfo:
+    """Ask a job to stop; it checks between items. Overdue jobs are killed by reconcile()."""
+    job = get(store, job_id)
+    if job.state not in ACTIVE:
+        raise BadInput(f"job {job_id} is {job.state}; only queued or running jobs can be cancelled")
+    store.execute("UPDATE jobs SET cancel_requested_at = ? WHERE id = ?", (now(), job_id))
+    return get(store, job_id)
+
+
+def cancel(store: Store, job_id: int, grace: float = CANCEL_GRACE_SECONDS) -> JobInfo:
+    """Cancel and wait: the job gets `grace` seconds to stop by itself, then its group is killed."""
+    request_cancel(store, job_id)
+    deadline = time.monotonic() + grace + 3.0
+    while time.monotonic() < deadline:
+        job = get(store, job_id)
+        if job.state not in ACTIVE:
+            return job
+        time.sleep(0.2)
+    row = store.one("SELECT pid FROM jobs WHERE id = ?", (job_id,))
+    _terminate_group(row["pid"])
+    time.sleep(0.5)
+    return get(store, job_id)
+
+
+def resume(store: Store, job_id: int) -> JobInfo:
+    """Start a stopped job again; its function skips the items it already committed."""
+    job = get(store, job_id)
+    if not job.resumable:
+        raise BadInput(f"job {job_id} is {job.state}; only interrupted, cancelled or failed jobs can be resumed")
+    store.execute(
+        "UPDATE jobs SET state = 'queued', cancel_requested_at = NULL, error = '', finished_at = NULL,"
+        " message = 'resuming' WHERE id = ?",
+        (job_id,),
+    )
+    spawn(store, job_id)
+    return get(store, job_id)
+
+
+def log_tail(store: Store, job_id: int, lines: int = 50) -> list[str]:
+    rows = store.query("SELECT at, line FROM job_log WHERE job_id = ? ORDER BY id DESC LIMIT ?", (job_id, lines))
+    return [f"{time.strftime('%H:%M:%S', time.localtime(r['at']))}  {r['line']}" for r in reversed(rows)]
+
+
+def wait(store: Store, job_id: int, timeout: float | None = None, poll: float = 0.5) -> JobInfo:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = get(store, job_id)
+        if job.state not in ACTIVE or (deadline and time.monotonic() > deadline):
+            return job
+        time.sleep(poll)
+
+
+# ---- the job's own side ------------------------------------------------------------------
+
+
+class JobContext:
+    """What a running job function sees: its params, the store, and ways to report."""
+
+    def __init__(self, store: Store, job_id: int, params: dict[str, Any]) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.params = params
+        self._started = time.monotonic()
+        self._done_at_start: int | None = None
+
+    def progress(self, done: int, total: int | None = None, message: str | None = None, **figures: Any) -> None:
+        """Report items done (cumulative, across resumes); figures such as tokens/s are merged."""
+        if self._done_at_start is None:
+            self._done_at_start = done
+        elapsed = time.monotonic() - self._started
+        if done > self._done_at_start and elapsed > 0:
+            figures.setdefault("items_per_s", (done - self._done_at_start) / elapsed)
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT figures FROM jobs WHERE id = ?", (self.job_id,)).fetchone()
+            merged = {**json.loads(row["figures"]), **figures}
+            conn.execute(
+                "UPDATE jobs SET done = ?, total = COALESCE(?, total), message = COALESCE(?, message),"
+                " figures = ?, heartbeat_at = ? WHERE id = ?",
+                (done, total, message, json.dumps(merged), now(), self.job_id),
+            )
+
+    def log(self, line: str) -> None:
+        self.store.execute(
+            "INSERT INTO job_log (job_id, at, line) VALUES (?, ?, ?)", (self.job_id, now(), str(line)[:2000])
+        )
+
+    def cancelled(self) -> bool:
+        row = self.store.one("SELECT cancel_requested_at FROM jobs WHERE id = ?", (self.job_id,))
+        return row["cancel_requested_at"] is not None
+
+    def check_cancel(self) -> None:
+        if self.cancelled():
+            raise JobCancelled()
+
+
+def _load_kind(kind: str):
+    module, _, func = JOB_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _heartbeat(job_id: int, stop: threading.Event) -> None:
+    store = Store()
+    try:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            store.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (now(), job_id))
+    finally:
+        store.close()
+
+
+def run(job_id: int) -> str:
+    """Body of `python -m workbench run-job ID`: claim the job, run its function, record the end."""
+    store = Store()
+    with store.transaction() as conn:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job with id {job_id}")
+        if row["state"] not in ("queued", *RESUMABLE):
+            raise BadInput(f"job {job_id} is {row['state']}; it cannot be run again")
+        me = psutil.Process()
+        conn.execute(
+            "UPDATE jobs SET state = 'running', pid = ?, pid_started = ?, attempts = attempts + 1,"
+            " started_at = COALESCE(started_at, ?), heartbeat_at = ?, finished_at = NULL, error = '' WHERE id = ?",
+            (me.pid, me.create_time(), now(), now(), job_id),
+        )
+    ctx = JobContext(store, job_id, json.loads(row["params"]))
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(job_id, stop), daemon=True)
+    beat.start()
+    # SIGTERM (from cancel's escalation) becomes a clean cancellation where Python can see it.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(JobCancelled()))
+    state, message, error = "done", "finished", ""
+    try:
+        ctx.log(f"started (attempt {row['attempts'] + 1})")
+        _load_kind(row["kind"])(ctx)
+    except JobCancelled:
+        state, message = "cancelled", "cancelled by the user"
+    except JobPaused as exc:
+        state, message, error = "interrupted", str(exc), str(exc)
+    except WorkbenchError as exc:
+        state, message, error = "failed", str(exc), str(exc)
+    except Exception as exc:  # a bug: keep the traceback in the log, one line for the user
+        traceback.print_exc()
+        state, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+        message = error
+        ctx.log(traceback.format_exc())
+    finally:
+        stop.set()
+    ctx.log(f"{state}: {message}")
+    store.execute(
+        "UPDATE jobs SET state = ?, message = ?, error = ?, finished_at = ? WHERE id = ?",
+        (state, message, error, now(), job_id),
+    )
+    store.close()
+    return state

@@ -1,0 +1,209 @@
+"""Runs: one backend + model + adapter + decoding parameters applied to one slice of a dataset.
+
+A run is stamped with everything needed to reproduce it (split version, model fingerprint,
+prompt template, parameters); its generations and scores hang off it. This module records
+and lists runs; producing answers is core.generation, scoring is core.scoring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core import dataset as ds
+from core.decoding import DecodingParams
+from core.errors import BadInput, NotFound
+from core.prompting import DEFAULT_TEMPLATE, check_template
+from core.store import Store, now
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    dataset: str
+    backend: str
+    model: str = ""
+    params: DecodingParams = field(default_factory=DecodingParams)
+    part: str = "test"
+    kind: str = "decoding"
+    adapter: str = ""
+    prompt_template: str = DEFAULT_TEMPLATE
+    label: str = ""
+    limit: int | None = None
+    repeats: int = 1
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    kind: str
+    label: str
+    dataset: str
+    split_id: int | None
+    split_version: int | None
+    part: str
+    backend: str
+    model: str
+    model_hash: str
+    adapter: str
+    params: DecodingParams
+    prompt_template: str
+    config: dict[str, Any]
+    job_id: int | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run: Run
+    n_answers: int
+    n_scored: int
+    mean_f1: float | None
+    median_f1: float | None
+
+
+def model_fingerprint(store: Store, model: str) -> str:
+    """sha256 of a model file (cached by size and mtime); for folders, of their config and weights' sizes."""
+    path = Path(model)
+    if not path.exists():
+        return ""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+                if f.suffix == ".json":
+                    digest.update(f.read_bytes())
+        return "dir-sha256:" + digest.hexdigest()[:16]
+    stat = path.stat()
+    key = f"hash:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if cached := store.get_setting(key):
+        return cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    value = "sha256:" + digest.hexdigest()[:16]
+    store.set_setting(key, value)
+    return value
+
+
+def create_run(store: Store, spec: RunSpec, resolved_model: str | None = None) -> int:
+    """Record a run; its pairs are fixed now (the split version in force) so reruns see the same questions."""
+    check_template(spec.prompt_template)
+    if spec.repeats < 1:
+        raise BadInput("repeats must be at least 1")
+    if spec.limit is not None and spec.limit < 1:
+        raise BadInput("limit must be at least 1")
+    split = ds.latest_split(store, spec.dataset) if spec.part != "all" else None
+    if spec.part != "all" and split is None:
+        raise BadInput(f"dataset {spec.dataset!r} has no split yet; run `split --dataset {spec.dataset}` first")
+    dataset_id = ds.dataset_id(store, spec.dataset)
+    config = {"limit": spec.limit, "repeats": spec.repeats, "backend_options": spec.backend_options}
+    model_hash = model_fingerprint(store, resolved_model or spec.model)
+    return store.execute(
+        "INSERT INTO runs (kind, label, dataset_id, split_id, part, backend, model, model_hash, adapter, params,"
+        " prompt_template, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            spec.kind,
+            spec.label,
+            dataset_id,
+            split.id if split else None,
+            spec.part,
+            spec.backend,
+            spec.model,
+            model_hash,
+            spec.adapter,
+            json.dumps(spec.params.to_dict()),
+            spec.prompt_template,
+            json.dumps(config),
+            now(),
+        ),
+    ).lastrowid
+
+
+def attach_job(store: Store, run_id: int, job_id: int) -> None:
+    store.execute("UPDATE runs SET job_id = ? WHERE id = ?", (job_id, run_id))
+
+
+_RUN_SQL = (
+    "SELECT r.*, d.name AS dataset, s.version AS split_version FROM runs r"
+    " JOIN datasets d ON d.id = r.dataset_id LEFT JOIN splits s ON s.id = r.split_id"
+)
+
+
+def _to_run(row: Any) -> Run:
+    return Run(
+        id=row["id"],
+        kind=row["kind"],
+        label=row["label"],
+        dataset=row["dataset"],
+        split_id=row["split_id"],
+        split_version=row["split_version"],
+        part=row["part"],
+        backend=row["backend"],
+        model=row["model"],
+        model_hash=row["model_hash"],
+        adapter=row["adapter"],
+        params=DecodingParams(**json.loads(row["params"])),
+        prompt_template=row["prompt_template"],
+        config=json.loads(row["config"]),
+        job_id=row["job_id"],
+        created_at=row["created_at"],
+    )
+
+
+def get_run(store: Store, run_id: int) -> Run:
+    row = store.one(_RUN_SQL + " WHERE r.id = ?", (run_id,))
+    if row is None:
+        raise NotFound(f"no run with id {run_id}")
+    return _to_run(row)
+
+
+def run_pairs(store: Store, run: Run) -> list[ds.StoredPair]:
+    pairs = ds.select_pairs(store, run.dataset, run.part, "accepted", split_id=run.split_id)
+    limit = run.config.get("limit")
+    return pairs[:limit] if limit else pairs
+
+
+def list_runs(store: Store) -> list[RunSummary]:
+    stats = {
+        r["run_id"]: r
+        for r in store.query(
+            "SELECT g.run_id, COUNT(DISTINCT g.id) AS n_answers, COUNT(s.id) AS n_scored"
+            " FROM generations g LEFT JOIN scores s ON s.generation_id = g.id GROUP BY g.run_id"
+        )
+    }
+    f1s: dict[int, list[float]] = {}
+    for r in store.query(
+        "SELECT g.run_id, s.f1 FROM scores s JOIN generations g ON g.id = s.generation_id WHERE s.f1 IS NOT NULL"
+    ):
+        f1s.setdefault(r["run_id"], []).append(r["f1"])
+    out = []
+    for row in store.query(_RUN_SQL + " ORDER BY r.id"):
+        run = _to_run(row)
+        values = sorted(f1s.get(run.id, []))
+        stat = stats.get(run.id)
+        out.append(
+            RunSummary(
+                run,
+                stat["n_answers"] if stat else 0,
+                stat["n_scored"] if stat else 0,
+                sum(values) / len(values) if values else None,
+                _median(values) if values else None,
+            )
+        )
+    return out
+
+
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    mid = n // 2
+    return sorted_values[mid] if n % 2 else (sorted_values[mid - 1] + sorted_values[mid]) / 2
+
+
+def describe_params(params: DecodingParams) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.to_dict().items() if v is not None)

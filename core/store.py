@@ -1,0 +1,245 @@
+"""The store: one SQLite file (WAL) holding everything the workbench knows.
+
+Owns the connection, the numbered migrations and transactions. Domain rules (what an
+import is, how a split is drawn) live in their own modules; this one never decides them.
+Every write goes through `Store.transaction()`, so a multi-row change lands whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from core import workspace
+
+# Each entry is one schema version; never edit a released entry, append a new one.
+MIGRATIONS: list[str] = [
+    # 1: the initial schema
+    """
+    CREATE TABLE datasets (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        source TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE pairs (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+        question TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        field TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL CHECK (status IN ('pending', 'accepted', 'rejected')),
+        metadata TEXT NOT NULL DEFAULT '{}',
+        provenance TEXT NOT NULL DEFAULT '{}',
+        version INTEGER NOT NULL DEFAULT 1,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX pairs_by_dataset ON pairs (dataset_id, status);
+    CREATE TABLE pair_history (
+        id INTEGER PRIMARY KEY,
+        pair_id INTEGER NOT NULL REFERENCES pairs(id) ON DELETE CASCADE,
+        column_name TEXT NOT NULL,
+        old_value TEXT,
+        new_value TEXT,
+        changed_at REAL NOT NULL
+    );
+    CREATE INDEX pair_history_by_pair ON pair_history (pair_id);
+    CREATE TABLE splits (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        seed INTEGER NOT NULL,
+        test_size REAL NOT NULL,
+        stratified INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (dataset_id, version)
+    );
+    CREATE TABLE split_members (
+        split_id INTEGER NOT NULL REFERENCES splits(id) ON DELETE CASCADE,
+        pair_id INTEGER NOT NULL REFERENCES pairs(id) ON DELETE CASCADE,
+        part TEXT NOT NULL CHECK (part IN ('train', 'test')),
+        PRIMARY KEY (split_id, pair_id)
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        label TEXT NOT NULL DEFAULT '',
+        dataset_id INTEGER REFERENCES datasets(id),
+        split_id INTEGER REFERENCES splits(id),
+        part TEXT NOT NULL DEFAULT 'all',
+        backend TEXT NOT NULL,
+        model TEXT NOT NULL,
+        model_hash TEXT NOT NULL DEFAULT '',
+        adapter TEXT NOT NULL DEFAULT '',
+        params TEXT NOT NULL DEFAULT '{}',
+        prompt_template TEXT NOT NULL DEFAULT '',
+        config TEXT NOT NULL DEFAULT '{}',
+        job_id INTEGER REFERENCES jobs(id),
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE generations (
+        id INTEGER PRIMARY KEY,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        pair_id INTEGER NOT NULL REFERENCES pairs(id),
+        repeat INTEGER NOT NULL DEFAULT 0,
+        answer TEXT NOT NULL,
+        n_tokens INTEGER,
+        seconds REAL,
+        created_at REAL NOT NULL,
+        UNIQUE (run_id, pair_id, repeat)
+    );
+    CREATE TABLE scores (
+        id INTEGER PRIMARY KEY,
+        generation_id INTEGER NOT NULL REFERENCES generations(id) ON DELETE CASCADE,
+        scorer TEXT NOT NULL,
+        precision REAL,
+        recall REAL,
+        f1 REAL,
+        f1_rescaled REAL,
+        rouge_l REAL,
+        created_at REAL NOT NULL,
+        UNIQUE (generation_id, scorer)
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        params TEXT NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL CHECK (state IN
+            ('queued', 'running', 'interrupted', 'cancelled', 'failed', 'done')),
+        done INTEGER NOT NULL DEFAULT 0,
+        total INTEGER,
+        message TEXT NOT NULL DEFAULT '',
+        figures TEXT NOT NULL DEFAULT '{}',
+        error TEXT NOT NULL DEFAULT '',
+        pid INTEGER,
+        pid_started REAL,
+        heartbeat_at REAL,
+        cancel_requested_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_by_state ON jobs (state);
+    CREATE TABLE job_log (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        at REAL NOT NULL,
+        line TEXT NOT NULL
+    );
+    CREATE INDEX job_log_by_job ON job_log (job_id, id);
+    CREATE TABLE training_metrics (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        step INTEGER NOT NULL,
+        epoch REAL,
+        name TEXT NOT NULL,
+        value REAL NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX training_metrics_by_job ON training_metrics (job_id, name, step);
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+]
+
+
+def now() -> float:
+    return time.time()
+
+
+class Store:
+    """A connection to the workspace's SQLite file, migrated to the newest schema."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else workspace.db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are opened explicitly, so nothing is left half-written
+        # by an implicit BEGIN that Python's sqlite3 would otherwise insert.
+        self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=30000")
+        self._depth = 0
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self) -> None:
+        if self.schema_version >= len(MIGRATIONS):
+            return
+        with self.transaction():
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            for number in range(self.schema_version, len(MIGRATIONS)):
+                for statement in _statements(MIGRATIONS[number]):
+                    self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All writes inside land together or not at all; nested uses join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    def query(self, sql: str, args: tuple | dict = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, args).fetchall()
+
+    def one(self, sql: str, args: tuple | dict = ()) -> sqlite3.Row | None:
+        return self.conn.execute(sql, args).fetchone()
+
+    def execute(self, sql: str, args: tuple | dict = ()) -> sqlite3.Cursor:
+        """A single write statement, in its own transaction unless inside one already."""
+        with self.transaction() as conn:
+            return conn.execute(sql, args)
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        row = self.one("SELECT value FROM settings WHERE key = ?", (key,))
+        return json.loads(row["value"]) if row else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        self.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would COMMIT our open transaction, so statements run one by one.
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,284 @@
+"""`python -m workbench …`: the CLI over the same core functions the pages call.
+
+Exit 0 on success; exit 2 with a one-line reason (no traceback) on anything a user can
+cause, with nothing written. Bad input is checked before the workspace is opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from core import dataset, formats, jobs, models, runs
+from core.errors import WorkbenchError
+from core.store import Store
+
+
+def open_workspace() -> Store:
+    """The workspace's store, with the starter dataset imported on first use."""
+    store = Store()
+    dataset.ensure_starter(store)
+    return store
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    parsed = formats.read_pairs(args.path)  # refuses a bad file before anything is opened or written
+    with open_workspace() as store:
+        summary = dataset.import_parsed(store, parsed, args.dataset, args.status)
+        counts = dataset.status_counts(store, summary.dataset)
+    print(f"{dataset.describe_import(summary)}; dataset now: {', '.join(f'{v} {k}' for k, v in counts.items())}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with open_workspace() as store:
+        n = dataset.export_pairs(store, args.dataset, args.output, args.format, args.split, args.status)
+    print(f"wrote {n} pair(s) to {args.output}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    with open_workspace() as store:
+        info = dataset.make_split(store, args.dataset, args.test_size, args.seed)
+    kind = "stratified by field" if info.stratified else "not stratified (one field)"
+    print(
+        f"split v{info.version} of {info.dataset!r}: {info.train} train / {info.test} test (seed {info.seed}, {kind})"
+    )
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    with open_workspace() as store:
+        rows = []
+        for name in dataset.list_datasets(store):
+            split = dataset.latest_split(store, name)
+            rows.append(
+                {
+                    "name": name,
+                    **dataset.status_counts(store, name),
+                    "split": f"v{split.version} {split.train}/{split.test}" if split else "",
+                }
+            )
+    _print_rows(rows, args.json)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    with open_workspace() as store:
+        summaries = runs.list_runs(store)
+    rows = [
+        {
+            "id": s.run.id,
+            "kind": s.run.kind,
+            "backend": s.run.backend,
+            "model": Path(s.run.model).name or "-",
+            "adapter": s.run.adapter or "-",
+            "params": runs.describe_params(s.run.params),
+            "n": s.n_answers,
+            "mean_f1": None if s.mean_f1 is None else round(s.mean_f1, 4),
+            "median_f1": None if s.median_f1 is None else round(s.median_f1, 4),
+        }
+        for s in summaries
+    ]
+    _print_rows(rows, args.json)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with Store() as store:
+        rows = [
+            {
+                "id": j.id,
+                "kind": j.kind,
+                "state": j.state,
+                "progress": f"{j.done}/{j.total}" if j.total else str(j.done),
+                "message": j.message,
+            }
+            for j in jobs.list_jobs(store)
+        ]
+    _print_rows(rows, args.json)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with Store() as store:
+        job = jobs.cancel(store, args.job_id)
+    print(f"job {job.id}: {job.state}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with Store() as store:
+        job = jobs.resume(store, args.job_id)
+        if args.background:
+            print(f"job {job.id} resumed in the background")
+            return 0
+        return follow(store, job.id)
+
+
+def cmd_run_job(args: argparse.Namespace) -> int:
+    state = jobs.run(args.job_id)
+    return 0 if state in ("done", "cancelled") else 1
+
+
+def cmd_prepare_models(args: argparse.Namespace) -> int:
+    for state in models.prepare_all(progress=lambda msg: print(msg, flush=True)):
+        print(f"{'ready' if state.ready else 'MISSING':8} {state.name:20} {state.role}: {state.path}")
+    return 0
+
+
+# ---- following a job in the foreground -------------------------------------------------------
+
+
+def follow(store: Store, job_id: int, out=sys.stderr) -> int:
+    """Draw the job's progress until it ends; Ctrl-C cancels it cleanly."""
+    try:
+        while True:
+            job = jobs.get(store, job_id)
+            width = 30
+            filled = int(job.fraction * width)
+            rate = job.figures.get("tokens_per_s")
+            extra = f" {rate:.1f} tok/s" if rate else ""
+            left = f" ~{job.seconds_left:.0f}s left" if job.seconds_left else ""
+            out.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {job.done}/{job.total or '?'}{extra}{left} "
+                f"{job.message[:60]:<60}"
+            )
+            out.flush()
+            if job.state not in jobs.ACTIVE:
+                out.write("\n")
+                print(f"job {job.id} {job.state}: {job.message}")
+                return 0 if job.state == "done" else 2
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        out.write("\ncancelling ...\n")
+        job = jobs.cancel(store, job_id)
+        print(f"job {job.id} {job.state}; resume with: python -m workbench resume {job.id}")
+        return 130
+
+
+def _print_rows(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("(none)")
+        return
+    cols = list(rows[0])
+    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# ---- argument parsing -----------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other refusal
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m workbench",
+        description=(
+            "QA Tuning Workbench: curate QA pairs, sweep decoding parameters, fine-tune, compare BERTScore. "
+            "The workspace is $WORKBENCH_HOME (default ./workspace)."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("import", cmd_import, "Import QA pairs from a CSV, JSON array or JSONL file.")
+    p.add_argument("path", help="file to import (.csv, .json, .jsonl); needs question and answer columns/keys")
+    p.add_argument("--dataset", help="dataset to add the pairs to (created if new; default: the file's name)")
+    p.add_argument(
+        "--status",
+        choices=dataset.STATUSES,
+        default="accepted",
+        help="review status the imported pairs get (default: accepted)",
+    )
+
+    p = command("export", cmd_export, "Export a dataset's pairs as JSONL or CSV.")
+    p.add_argument("--dataset", required=True, help="dataset to export")
+    p.add_argument(
+        "--split",
+        choices=("train", "test", "all"),
+        default="all",
+        help="which part of the latest split to export (default: all pairs)",
+    )
+    p.add_argument(
+        "--status",
+        choices=("accepted", "all"),
+        default="accepted",
+        help="export only accepted pairs (default) or every pair",
+    )
+    p.add_argument(
+        "--format",
+        choices=("jsonl", "csv"),
+        default="jsonl",
+        help="jsonl: one {question, answer, field} object per line; csv: question,answer,field",
+    )
+    p.add_argument("-o", "--output", required=True, help="file to write")
+
+    p = command("split", cmd_split, "Draw a new frozen train/test split version over the accepted pairs.")
+    p.add_argument("--dataset", required=True, help="dataset to split")
+    p.add_argument(
+        "--test-size", type=_positive_float, default=0.2, help="share of pairs in the test part (default 0.2)"
+    )
+    p.add_argument("--seed", type=int, default=42, help="random seed of the split (default 42)")
+
+    p = command("datasets", cmd_datasets, "List datasets with their pair counts per status and latest split.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("runs", cmd_runs, "List runs: id, kind, backend, model, adapter, params, n, mean/median F1.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("jobs", cmd_jobs, "List background jobs with their state and progress.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("cancel", cmd_cancel, "Cancel a queued or running job (it stops between items).")
+    p.add_argument("job_id", type=int, help="id of the job (see `jobs`)")
+
+    p = command("resume", cmd_resume, "Resume an interrupted, cancelled or failed job where it stopped.")
+    p.add_argument("job_id", type=int, help="id of the job (see `jobs`)")
+    p.add_argument("--background", action="store_true", help="return at once instead of following progress")
+
+    p = command("run-job", cmd_run_job, "Run a job in this process (used by the job runner; not for everyday use).")
+    p.add_argument("job_id", type=int, help="id of the job to run")
+
+    command(
+        "prepare-models",
+        cmd_prepare_models,
+        "Prepare the embedded models (assemble the GGUF, convert it to a Hugging Face checkpoint).",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

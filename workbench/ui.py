@@ -1,0 +1,146 @@
+"""Shared Streamlit pieces: the store for this script run, error banners, job panels.
+
+Pages stay thin: they read widgets, call one core function and draw with these helpers.
+Text from users and models is always rendered as text (st.text / st.code / dataframes),
+never as HTML.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import pandas as pd
+import streamlit as st
+
+from core import dataset, jobs
+from core.errors import WorkbenchError
+from core.store import Store
+
+log = logging.getLogger("workbench")
+_local = threading.local()
+_starter_lock = threading.Lock()
+
+
+def store() -> Store:
+    """One connection per thread (Streamlit runs each script run in a thread of its own)."""
+    if getattr(_local, "store", None) is None:
+        _local.store = Store()
+        with _starter_lock:
+            dataset.ensure_starter(_local.store)
+    return _local.store
+
+
+def run_page(page: Callable[[], None] | st.navigation) -> None:
+    """Run a page; a user-caused error becomes a red one-line banner, a bug a short one (logged in full)."""
+    try:
+        page.run() if hasattr(page, "run") else page()
+    except WorkbenchError as exc:
+        st.error(str(exc), icon=":material/error:")
+    except Exception as exc:  # never show a stack trace in the page
+        log.exception("page failed")
+        st.error(
+            f"Something went wrong: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            " (details in the server log)",
+            icon=":material/bug_report:",
+        )
+
+
+def attempt(action: Callable[[], object], success: str | None = None) -> object | None:
+    """Run a button's action; show its error as a banner instead of raising."""
+    try:
+        result = action()
+    except WorkbenchError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return None
+    if success:
+        st.toast(success, icon=":material/check_circle:")
+    return result
+
+
+def dataset_picker(key: str = "dataset", label: str = "Dataset") -> str | None:
+    names = dataset.list_datasets(store())
+    if not names:
+        st.info("No dataset yet: import a file on the Dataset page.")
+        return None
+    default = st.session_state.get("current_dataset", names[0])
+    chosen = st.selectbox(label, names, index=names.index(default) if default in names else 0, key=key)
+    st.session_state["current_dataset"] = chosen
+    return chosen
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+STATE_ICONS = {
+    "queued": ":material/schedule:",
+    "running": ":material/autorenew:",
+    "done": ":material/check_circle:",
+    "interrupted": ":material/pause_circle:",
+    "cancelled": ":material/cancel:",
+    "failed": ":material/error:",
+}
+
+
+def job_panel(job_id: int, log_lines: int = 12) -> None:
+    """Progress, figures, Cancel/Resume and the log tail of one job; refreshes itself while it runs."""
+
+    @st.fragment(run_every=1.0)
+    def panel() -> None:
+        job = jobs.get(store(), job_id)
+        st.markdown(f"{STATE_ICONS.get(job.state, '')} **Job {job.id}** · {job.kind} · `{job.state}`")
+        label = f"{job.done}/{job.total}" if job.total else f"{job.done}"
+        left = _fmt_seconds(job.seconds_left)
+        st.progress(job.fraction, text=f"{label}{' · ' + left + ' left' if left else ''}")
+        st.text(job.message)
+        figures = {k: v for k, v in job.figures.items() if isinstance(v, (int, float))}
+        if figures:
+            cols = st.columns(min(len(figures), 4))
+            for col, (name, value) in zip(cols, list(figures.items())[:4]):
+                col.metric(name.replace("_", " "), f"{value:,.1f}")
+        c1, c2, _ = st.columns([1, 1, 4])
+        if job.state in jobs.ACTIVE and c1.button("Cancel", key=f"cancel-{job.id}", icon=":material/stop:"):
+            attempt(lambda: jobs.request_cancel(store(), job.id), "cancel requested")
+        if job.resumable and c2.button("Resume", key=f"resume-{job.id}", icon=":material/play_arrow:"):
+            attempt(lambda: jobs.resume(store(), job.id), f"job {job.id} resumed")
+        tail = jobs.log_tail(store(), job.id, log_lines)
+        if tail:
+            st.code("\n".join(tail), language=None)
+        if job.state not in jobs.ACTIVE:
+            st.caption(
+                f"finished {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(job.finished_at or 0))}"
+                f" after {_fmt_seconds(job.seconds_running)}"
+            )
+
+    panel()
+
+
+def jobs_frame(limit: int = 50) -> pd.DataFrame:
+    rows = [
+        {
+            "id": j.id,
+            "kind": j.kind,
+            "state": j.state,
+            "progress": j.fraction,
+            "done": j.done,
+            "total": j.total,
+            "message": j.message,
+            "started": time.strftime("%m-%d %H:%M", time.localtime(j.started_at)) if j.started_at else "",
+        }
+        for j in jobs.list_jobs(store(), limit=limit)
+    ]
+    return pd.DataFrame(rows, columns=["id", "kind", "state", "progress", "done", "total", "message", "started"])
+
+
+JOB_COLUMNS = {
+    "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+    "id": st.column_config.NumberColumn("id", format="%d"),
+}
