@@ -1,0 +1,112 @@
+"""Datasets: imports land whole, edits keep history, splits are frozen versions, exports load back."""
+
+import json
+
+import pytest
+
+from core import dataset, formats
+from core.errors import BadInput, NotFound
+
+
+def test_the_starter_dataset_is_imported_once_on_first_run(store):
+    summary = dataset.ensure_starter(store)
+    assert summary.dataset == "starter" and summary.added >= 100
+    assert dataset.ensure_starter(store) is None
+    assert dataset.status_counts(store, "starter")["accepted"] == summary.added
+
+
+def test_starter_pairs_have_fields_and_multi_sentence_answers(store):
+    dataset.ensure_starter(store)
+    frame = dataset.pairs_frame(store, "starter")
+    assert frame["field"].nunique() >= 5
+    assert frame["question"].str.endswith("?").all()
+    assert frame["question"].str.lower().nunique() == len(frame)
+
+
+def test_a_bad_file_changes_nothing(store, tmp_path):
+    dataset.ensure_starter(store)
+    before = dataset.pairs_frame(store, "starter").to_dict("records")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q?", "answer": "a"}\n{"question": \n')
+    with pytest.raises(BadInput, match="line 2"):
+        dataset.import_file(store, bad, "starter")
+    assert dataset.pairs_frame(store, "starter").to_dict("records") == before
+
+
+def test_blank_rows_are_skipped_and_counted(store, tmp_path):
+    path = tmp_path / "some.csv"
+    path.write_text("question,answer\nq1?,a1\n ,a2\nq3?,\nq4?,a4\n")
+    summary = dataset.import_file(store, path)
+    assert (summary.dataset, summary.added, summary.skipped_blank) == ("some", 2, 2)
+
+
+def test_every_edit_is_kept_with_its_history(store):
+    dataset.add_pairs(store, "d", [formats.PairRow("q?", "a")], "pending")
+    pair_id = int(dataset.pairs_frame(store, "d")["id"][0])
+    version = dataset.update_pair(store, pair_id, answer="a better answer", status="accepted")
+    assert version == 2
+    history = dataset.pair_history(store, pair_id)
+    assert {(h["column_name"], h["old_value"], h["new_value"]) for h in history} == {
+        ("answer", "a", "a better answer"), ("status", "pending", "accepted")}
+    assert all(h["changed_at"] > 0 for h in history)
+
+
+def test_an_edit_from_a_stale_copy_is_refused(store):
+    dataset.add_pairs(store, "d", [formats.PairRow("q?", "a")], "pending")
+    pair_id = int(dataset.pairs_frame(store, "d")["id"][0])
+    dataset.update_pair(store, pair_id, expected_version=1, answer="first tab")
+    with pytest.raises(BadInput, match="changed elsewhere"):
+        dataset.update_pair(store, pair_id, expected_version=1, answer="second tab")
+    assert dataset.pairs_frame(store, "d")["answer"][0] == "first tab"
+
+
+def test_empty_answers_and_unknown_statuses_are_refused(store):
+    dataset.add_pairs(store, "d", [formats.PairRow("q?", "a")], "pending")
+    pair_id = int(dataset.pairs_frame(store, "d")["id"][0])
+    with pytest.raises(BadInput):
+        dataset.update_pair(store, pair_id, answer="  ")
+    with pytest.raises(BadInput):
+        dataset.set_status(store, pair_id, "maybe")
+
+
+def test_a_split_is_stratified_by_field_and_seeded(store):
+    dataset.ensure_starter(store)
+    first = dataset.make_split(store, "starter", 0.2, seed=7)
+    test_pairs = dataset.select_pairs(store, "starter", "test")
+    assert first.train + first.test == dataset.status_counts(store, "starter")["accepted"]
+    assert abs(first.test / (first.train + first.test) - 0.2) < 0.05
+    all_fields = {p.field for p in dataset.select_pairs(store, "starter")}
+    assert {p.field for p in test_pairs} == all_fields  # every field is evaluated
+    again = dataset.make_split(store, "starter", 0.2, seed=7)
+    assert again.version == 2
+    assert [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=again.id)] == [
+        p.id for p in test_pairs]
+
+
+def test_earlier_split_versions_stay_frozen(store):
+    dataset.ensure_starter(store)
+    v1 = dataset.make_split(store, "starter", seed=1)
+    v1_test = [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=v1.id)]
+    dataset.make_split(store, "starter", seed=2)
+    assert [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=v1.id)] == v1_test
+    assert dataset.latest_split(store, "starter").version == 2
+
+
+def test_splitting_needs_accepted_pairs(store):
+    dataset.add_pairs(store, "d", [formats.PairRow("q?", "a")], "pending")
+    with pytest.raises(BadInput, match="0 accepted"):
+        dataset.make_split(store, "d")
+    with pytest.raises(NotFound):
+        dataset.make_split(store, "nope")
+
+
+def test_export_writes_accepted_pairs_of_a_split_part(store, tmp_path):
+    dataset.ensure_starter(store)
+    info = dataset.make_split(store, "starter")
+    out = tmp_path / "test.jsonl"
+    assert dataset.export_pairs(store, "starter", out, "jsonl", "test") == info.test
+    first = json.loads(out.read_text().splitlines()[0])
+    assert set(first) == {"question", "answer", "field"}
+    csv_out = tmp_path / "all.csv"
+    n = dataset.export_pairs(store, "starter", csv_out, "csv")
+    assert len(formats.read_pairs(csv_out).rows) == n == info.train + info.test

@@ -1,0 +1,100 @@
+"""Background jobs: their own process, progress in the store, cancel, interrupted-on-death, resume."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from core import jobs, runs
+from core.decoding import DecodingParams
+from core.errors import BadInput
+from tests.conftest import run_cli
+
+
+def echo_run(store, delay: float, **spec) -> int:
+    return runs.create_run(store, runs.RunSpec(dataset="starter", backend="echo", part="test",
+                                               backend_options={"delay": delay},
+                                               params=DecodingParams(max_tokens=12), **spec))
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_a_job_runs_in_its_own_process_group_and_reports_progress(starter):
+    run_id = echo_run(starter, 0.0)
+    job_id = jobs.submit(starter, "generate", {"run_id": run_id})
+    job = jobs.wait(starter, job_id, timeout=60)
+    assert job.state == "done", job.message
+    n_test = runs.get_run(starter, run_id)
+    assert job.done == job.total == len(runs.run_pairs(starter, n_test))
+    assert any("done" in line for line in jobs.log_tail(starter, job_id))
+
+
+def test_a_killed_job_shows_interrupted_and_resumes_exactly_once(starter):
+    run_id = echo_run(starter, 0.15, repeats=2)
+    job_id = jobs.submit(starter, "generate", {"run_id": run_id})
+    job = wait_until(lambda: (j := jobs.get(starter, job_id)).done >= 5 and j)
+    assert os.getpgid(job.pid) == job.pid  # its own process group
+    os.kill(job.pid, signal.SIGKILL)
+    job = wait_until(lambda: (j := jobs.get(starter, job_id)).state != "running" and j, timeout=10)
+    assert job.state == "interrupted" and job.resumable
+    committed = starter.one("SELECT COUNT(*) FROM generations WHERE run_id = ?", (run_id,))[0]
+    assert 0 < committed < job.total
+
+    jobs.resume(starter, job_id)
+    job = jobs.wait(starter, job_id, timeout=90)
+    assert job.state == "done" and job.attempts == 2
+    rows = starter.query("SELECT pair_id, repeat, COUNT(*) AS n FROM generations WHERE run_id = ? GROUP BY 1, 2",
+                         (run_id,))
+    assert len(rows) == job.total and all(r["n"] == 1 for r in rows)
+
+
+def test_cancel_stops_a_job_between_items(starter):
+    job_id = jobs.submit(starter, "generate", {"run_id": echo_run(starter, 0.3)})
+    wait_until(lambda: jobs.get(starter, job_id).done >= 1)
+    job = jobs.cancel(starter, job_id)
+    assert job.state == "cancelled"
+    assert job.done < job.total
+    with pytest.raises(BadInput):
+        jobs.cancel(starter, job_id)
+
+
+def test_a_job_that_ignores_cancel_is_killed_after_the_grace_period(starter, monkeypatch):
+    monkeypatch.setattr(jobs, "CANCEL_GRACE_SECONDS", 1.0)
+    job_id = jobs.submit(starter, "generate", {"run_id": echo_run(starter, 60.0)})  # one item takes a minute
+    wait_until(lambda: jobs.get(starter, job_id).state == "running")
+    job = jobs.cancel(starter, job_id, grace=1.0)
+    assert job.state == "cancelled"
+
+
+def test_a_failing_job_records_a_one_line_reason(starter):
+    run_id = runs.create_run(starter, runs.RunSpec(dataset="starter", backend="ollama", model="nope",
+                                                   backend_options={"host": "http://127.0.0.1:9"}))
+    job = jobs.wait(starter, jobs.submit(starter, "generate", {"run_id": run_id}), timeout=60)
+    # An unreachable server pauses the job (resumable) instead of failing it.
+    assert job.state == "interrupted" and "not reachable" in job.message
+    assert "\n" not in job.message
+
+
+def test_only_stopped_jobs_resume_and_unknown_kinds_are_refused(starter):
+    job_id = jobs.submit(starter, "generate", {"run_id": echo_run(starter, 0.0)})
+    jobs.wait(starter, job_id, timeout=60)
+    with pytest.raises(BadInput, match="done"):
+        jobs.resume(starter, job_id)
+    with pytest.raises(BadInput):
+        jobs.submit(starter, "no-such-kind", {})
+
+
+def test_jobs_started_elsewhere_show_in_the_cli(starter):
+    job_id = jobs.submit(starter, "generate", {"run_id": echo_run(starter, 0.0)})
+    jobs.wait(starter, job_id, timeout=60)
+    listed = json.loads(run_cli("jobs", "--json").stdout)
+    assert listed[0]["id"] == job_id and listed[0]["state"] == "done"
