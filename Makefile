@@ -48,9 +48,9 @@ browser:
 	@test -x /usr/bin/chromium || { echo ">> installing Debian's chromium"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-# Screenshots of every page of a running app (make run in another terminal).
-shots: bootstrap
-	$(PY) tests/shoot.py http://127.0.0.1:8501 docs/screenshots
+# Refresh the README screenshots: every page in headless Chromium, against an app the test starts.
+shots: bootstrap models browser
+	WORKBENCH_SHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest tests/test_browser.py -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) workspace

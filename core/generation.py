@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from core import runs
+from core import runs, settings
 from core.backends import make_backend
 from core.decoding import DecodingParams
 from core.errors import BackendError
@@ -50,9 +50,15 @@ def generate_run(ctx: JobContext, run_id: int) -> None:
         options["adapter"] = run.adapter
     if run.adapter and run.backend == "llamacpp":
         options["lora_path"] = run.adapter
+    if run.backend == "ollama":
+        chosen = settings.load(store)
+        options.setdefault("host", chosen.effective_ollama_host)
+        options.setdefault("parallel", chosen.ollama_parallel)
     stop = stop_sequences(run.prompt_template)
-    # Prompts sharing a configuration go to the backend together, so transformers batches them.
-    batch_size = int(options.get("batch_size", 16)) if run.backend == "transformers" else 1
+    # Prompts sharing a configuration go to the backend together: transformers batches them,
+    # Ollama serves `parallel` of them at once.
+    batch_size = {"transformers": int(options.get("batch_size", 16)), "ollama": int(options.get("parallel", 1))}
+    batch_size = batch_size.get(run.backend, 1)
     try:
         backend = make_backend(run.backend, run.model or None, **options)
         started = time.monotonic()

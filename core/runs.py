@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core import dataset as ds
+from core import models, settings
 from core.decoding import DecodingParams
 from core.errors import BadInput, NotFound
 from core.prompting import DEFAULT_TEMPLATE, check_template
@@ -91,7 +92,16 @@ def model_fingerprint(store: Store, model: str) -> str:
     return value
 
 
-def create_run(store: Store, spec: RunSpec, resolved_model: str | None = None) -> int:
+def resolve_model(store: Store, backend: str, model: str) -> str:
+    """The model a run will really use, recorded in full (a path for the embedded engines)."""
+    if backend in ("llamacpp", "transformers"):
+        return models.resolve_generator(model or settings.default_generator(store, backend), backend)
+    if backend == "ollama" and not model:
+        raise BadInput("the ollama backend needs a model name (e.g. llama2:7b)")
+    return model or backend
+
+
+def create_run(store: Store, spec: RunSpec) -> int:
     """Record a run; its pairs are fixed now (the split version in force) so reruns see the same questions."""
     check_template(spec.prompt_template)
     if spec.repeats < 1:
@@ -103,7 +113,8 @@ def create_run(store: Store, spec: RunSpec, resolved_model: str | None = None) -
         raise BadInput(f"dataset {spec.dataset!r} has no split yet; run `split --dataset {spec.dataset}` first")
     dataset_id = ds.dataset_id(store, spec.dataset)
     config = {"limit": spec.limit, "repeats": spec.repeats, "backend_options": spec.backend_options}
-    model_hash = model_fingerprint(store, resolved_model or spec.model)
+    model = resolve_model(store, spec.backend, spec.model)
+    model_hash = model_fingerprint(store, model)
     return store.execute(
         "INSERT INTO runs (kind, label, dataset_id, split_id, part, backend, model, model_hash, adapter, params,"
         " prompt_template, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

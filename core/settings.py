@@ -69,3 +69,9 @@ def save(store: Store, values: WorkbenchSettings) -> WorkbenchSettings:
     checked = validate(values)
     store.set_setting("workbench_settings", asdict(checked))
     return checked
+
+
+def default_generator(store: Store, backend: str) -> str:
+    """The generator a run uses when none is named: the Settings override, else the embedded model."""
+    chosen = load(store)
+    return {"llamacpp": chosen.generator_gguf, "transformers": chosen.generator_model}.get(backend, "")

@@ -41,18 +41,19 @@ st.caption(f"Server in use: {host}")
 
 @st.fragment
 def ollama_check() -> None:
-    if st.button("Check the connection", icon=":material/lan:"):
-        from core.backends.ollama import OllamaBackend
+    """Asks the server on every visit (a refused connection answers at once); a button asks again."""
+    from core.backends.ollama import OllamaBackend
 
-        try:
-            backend = OllamaBackend("", host=host, timeout=5.0)
+    st.button("Check again", icon=":material/refresh:")
+    try:
+        with OllamaBackend("", host=host, timeout=3.0) as backend:
             version, names = backend.version(), backend.models()
-        except WorkbenchError as exc:
-            st.error(str(exc), icon=":material/cloud_off:")
-            return
-        st.success(f"Ollama {version} is reachable with {len(names)} model(s).", icon=":material/cloud_done:")
-        if names:
-            st.dataframe(pd.DataFrame({"model": names}), hide_index=True)
+    except WorkbenchError as exc:
+        st.warning(f"{exc} The embedded llama.cpp backend works without it.", icon=":material/cloud_off:")
+        return
+    st.success(f"Ollama {version} is reachable with {len(names)} model(s).", icon=":material/cloud_done:")
+    if names:
+        st.dataframe(pd.DataFrame({"model": names}), hide_index=True)
 
 
 ollama_check()

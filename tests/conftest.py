@@ -87,3 +87,66 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
         [sys.executable, "-m", "workbench", *args], cwd=ROOT, capture_output=True, text=True,
         env={**os.environ, **(env or {})}, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """The real app (`streamlit run workbench/app.py`) on a free 127.0.0.1 port with its own workspace."""
+    import time
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("app-workspace")
+    port = free_port()
+    log = open(home / "streamlit.log", "wb")  # noqa: SIM115 - closed when the fixture ends
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "workbench/app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, env={**os.environ, "WORKBENCH_HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/_stcore/health", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError((home / "streamlit.log").read_text()[-2000:]) from None
+            time.sleep(0.3)
+    yield type("AppServer", (), {"url": url, "home": home, "process": proc})
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=15)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium driven by Playwright (its own browser download does not work here)."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install chromium)")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(chromium), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+            "--disable-component-update", "--disable-sync", "--disable-quic"])
+        yield b
+        b.close()
+
+
+def wait_for_streamlit(page, timeout: float = 60.0) -> None:
+    """Wait until the app has drawn and no script run is in progress."""
+    import time
+
+    page.wait_for_selector("[data-testid='stApp']", timeout=timeout * 1000)
+    deadline = time.monotonic() + timeout
+    time.sleep(0.5)
+    while time.monotonic() < deadline:
+        if not page.query_selector("[data-testid='stStatusWidget']"):
+            time.sleep(0.3)
+            if not page.query_selector("[data-testid='stStatusWidget']"):
+                return
+        time.sleep(0.2)
+    raise AssertionError("the app kept running its script")

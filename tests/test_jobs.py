@@ -98,3 +98,27 @@ def test_jobs_started_elsewhere_show_in_the_cli(starter):
     jobs.wait(starter, job_id, timeout=60)
     listed = json.loads(run_cli("jobs", "--json").stdout)
     assert listed[0]["id"] == job_id and listed[0]["state"] == "done"
+
+
+def test_an_ollama_run_pauses_when_the_server_vanishes_and_resumes_exactly_once(starter):
+    from tests.ollama_standin import OllamaStandin
+
+    server = OllamaStandin(delay=0.2).start()
+    try:
+        run_id = runs.create_run(starter, runs.RunSpec(dataset="starter", backend="ollama", model="standin-tiny",
+                                                       backend_options={"host": server.url, "timeout": 5.0}))
+        job_id = jobs.submit(starter, "generate", {"run_id": run_id})
+        wait_until(lambda: jobs.get(starter, job_id).done >= 3)
+        server.stop()
+        job = jobs.wait(starter, job_id, timeout=30)
+        assert job.state == "interrupted" and ("not reachable" in job.message or "connection" in job.message)
+        server.start()
+        jobs.resume(starter, job_id)
+        job = jobs.wait(starter, job_id, timeout=60)
+        assert job.state == "done"
+        counts = starter.query("SELECT COUNT(*) AS n FROM generations WHERE run_id = ? GROUP BY pair_id", (run_id,))
+        assert len(counts) == job.total and {r["n"] for r in counts} == {1}
+        options = [r.options for r in server.requests if r.path == "/api/generate"]
+        assert all(o["num_predict"] == 128 and o["temperature"] == 0.7 for o in options)
+    finally:
+        server.stop()

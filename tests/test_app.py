@@ -1,0 +1,89 @@
+"""The app's pages under Streamlit's AppTest: each renders without an exception and acts on its widgets."""
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import dataset, jobs, runs
+from core.store import Store
+
+PAGES = ["../pages/overview.py", "../pages/dataset.py", "../pages/jobs.py", "../pages/settings.py"]
+
+
+@pytest.fixture
+def app(workbench_home):
+    return AppTest.from_file("../workbench/app.py", default_timeout=60)
+
+
+def open_page(app: AppTest, page: str) -> AppTest:
+    app.switch_page(page).run()
+    assert not app.exception, app.exception
+    return app
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_an_error(app, page):
+    open_page(app, page)
+    assert app.title and not app.error
+
+
+def test_the_overview_lists_the_starter_dataset(app):
+    open_page(app, PAGES[0])
+    frame = app.dataframe[0].value
+    assert frame.loc[0, "dataset"] == "starter" and frame.loc[0, "accepted"] >= 100
+
+
+def test_the_dataset_page_draws_a_split_and_offers_exports(app):
+    open_page(app, PAGES[1])
+    assert [m.label for m in app.metric] == ["Pending", "Accepted", "Rejected", "Split"]
+    next(b for b in app.button if b.label == "Draw a new split").click().run()
+    assert not app.exception
+    assert any("split v1" in s.value for s in app.success)
+    with Store() as store:
+        assert dataset.latest_split(store, "starter").version == 1
+
+
+def test_the_dataset_page_filters_by_text(app):
+    open_page(app, PAGES[1])
+    app.text_input[0].input("baseline").run()
+    shown = app.dataframe[0].value
+    assert 0 < len(shown) < 100
+    assert shown.apply(lambda r: "baseline" in (r["question"] + r["answer"]).lower(), axis=1).all()
+
+
+def test_the_jobs_page_shows_a_job_with_its_log(app):
+    with Store() as store:
+        dataset.ensure_starter(store)
+        dataset.make_split(store, "starter")
+        run_id = runs.create_run(store, runs.RunSpec(dataset="starter", backend="echo", limit=3))
+        job_id = jobs.submit(store, "generate", {"run_id": run_id})
+        jobs.wait(store, job_id, timeout=60)
+    open_page(app, PAGES[2])
+    assert app.dataframe[0].value.loc[0, "state"] == "done"
+    assert any("done" in c.value for c in app.code)
+
+
+def test_settings_refuse_a_bad_value_with_a_banner_and_keep_the_old_one(app):
+    open_page(app, PAGES[3])
+    gguf_box = next(t for t in app.text_input if t.label == "Generator gguf")
+    gguf_box.input("/no/such/model.gguf")
+    next(b for b in app.button if b.label == "Save settings").click().run()
+    assert any("no GGUF file" in e.value for e in app.error)
+    with Store() as store:
+        from core import settings
+
+        assert settings.load(store).generator_gguf == ""
+
+
+def test_settings_report_an_unreachable_ollama_without_a_traceback(app, monkeypatch):
+    monkeypatch.setenv("OLLAMA_HOST", "http://127.0.0.1:9")
+    open_page(app, PAGES[3])
+    assert any("not reachable" in w.value for w in app.warning)
+
+
+def test_settings_list_the_models_of_a_live_ollama(app, monkeypatch):
+    from tests.ollama_standin import OllamaStandin
+
+    with OllamaStandin() as server:
+        monkeypatch.setenv("OLLAMA_HOST", server.url)
+        open_page(app, PAGES[3])
+        assert any("reachable with 2 model(s)" in s.value for s in app.success)
