@@ -19,8 +19,10 @@ run: bootstrap models
 test: bootstrap models browser
 	bash tests/run_suite.sh
 
+# Every benchmark in tests/benchmarks, each printing workbench-vs-baseline ratios from one run.
 bench: bootstrap models
-	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider
+	@status=0; for f in tests/benchmarks/bench_*.py; do \
+	  name=$$(basename $$f .py); $(PY) -m workbench bench $${name#bench_} || status=1; done; exit $$status
 
 lint: bootstrap
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -118,9 +118,12 @@ def import_parsed(
     store: Store, parsed: formats.ParsedFile, dataset: str | None = None, status: str = "accepted"
 ) -> ImportSummary:
     """Add the pairs of a parsed file (see core.formats) to a dataset, in one transaction."""
+    from core import quality  # loads the embedding model only when pairs arrive
+
     name = dataset or parsed.path.stem
     source = str(parsed.path)
     added = add_pairs(store, name, parsed.rows, status, source=source, provenance={"import": source})
+    quality.flag_dataset(store, name)
     return ImportSummary(name, source, added, parsed.skipped_blank, status)
 
 
@@ -145,56 +148,201 @@ def ensure_starter(store: Store) -> ImportSummary | None:
     return summary
 
 
-def pairs_frame(store: Store, dataset: str, status: str | None = None):
-    """The pairs of a dataset as a pandas DataFrame (id, question, answer, field, status, ...)."""
+REVIEW_COLUMNS = "id, question, answer, field, status, flags, duplicate_of, duplicate_score, version, updated_at"
+
+
+def pairs_frame(
+    store: Store,
+    dataset: str,
+    statuses: list[str] | None = None,
+    fields: list[str] | None = None,
+    flag: str | None = None,
+    search: str = "",
+):
+    """The pairs of a dataset as a DataFrame for review, filtered in SQL; `flags` holds lists.
+
+    `flag` is a flag name, "any" (at least one flag) or None (no filter).
+    """
     import pandas as pd
 
-    sql = "SELECT id, question, answer, field, status, metadata, version, updated_at FROM pairs WHERE dataset_id = ?"
-    args: list = [dataset_id(store, dataset)]
-    if status:
-        sql += " AND status = ?"
-        args.append(status)
-    return pd.read_sql_query(sql + " ORDER BY id", store.conn, params=args)
+    where, args = ["dataset_id = ?"], [dataset_id(store, dataset)]
+    if statuses is not None:
+        where.append(f"status IN ({', '.join('?' * len(statuses))})")
+        args.extend(statuses)
+    if fields is not None:
+        where.append(f"field IN ({', '.join('?' * len(fields))})")
+        args.extend(fields)
+    if flag == "any":
+        where.append("flags != '[]'")
+    elif flag:
+        where.append("flags LIKE ?")
+        args.append(f'%"{flag}"%')
+    if search.strip():
+        where.append("(question LIKE ? OR answer LIKE ?)")
+        args.extend([f"%{search.strip()}%"] * 2)
+    frame = pd.read_sql_query(
+        f"SELECT {REVIEW_COLUMNS} FROM pairs WHERE {' AND '.join(where)} ORDER BY id", store.conn, params=args
+    )
+    frame["flags"] = [json.loads(f) for f in frame["flags"]]
+    return frame
 
 
-def set_status(store: Store, pair_id: int, status: str) -> None:
-    update_pair(store, pair_id, status=status)
+def fields_of(store: Store, dataset: str) -> list[str]:
+    rows = store.query(
+        "SELECT DISTINCT field FROM pairs WHERE dataset_id = ? ORDER BY field", (dataset_id(store, dataset),)
+    )
+    return [r["field"] for r in rows]
 
 
-def update_pair(store: Store, pair_id: int, expected_version: int | None = None, **changes: str) -> int:
-    """Change question/answer/field/status of one pair, recording history; returns the new version.
+def get_pair(store: Store, pair_id: int) -> dict:
+    row = store.one(f"SELECT {REVIEW_COLUMNS}, provenance, dataset_id FROM pairs WHERE id = ?", (pair_id,))
+    if row is None:
+        raise NotFound(f"no pair with id {pair_id}")
+    pair = dict(row)
+    pair["flags"] = json.loads(pair["flags"])
+    pair["provenance"] = json.loads(pair["provenance"])
+    return pair
 
-    With `expected_version`, a change based on a stale copy (another tab edited the pair
-    since) is refused instead of silently overwriting it.
-    """
-    allowed = {"question", "answer", "field", "status"}
-    if unknown := set(changes) - allowed:
+
+def next_in_queue(
+    store: Store, dataset: str, skipped: set[int] = frozenset(), field: str | None = None, flag: str | None = None
+) -> dict | None:
+    """The next pending pair to review (lowest id), leaving out skipped ones."""
+    frame = pairs_frame(store, dataset, ["pending"], [field] if field else None, flag)
+    frame = frame[~frame["id"].isin(list(skipped))]
+    return get_pair(store, int(frame["id"].iloc[0])) if len(frame) else None
+
+
+EDITABLE = ("question", "answer", "field", "status")
+
+
+@dataclass(frozen=True)
+class Change:
+    id: int
+    dataset: str
+    kind: str
+    summary: str
+    at: float
+    pair_ids: list[int]
+
+
+def _check_changes(changes: dict[str, str]) -> None:
+    if unknown := set(changes) - set(EDITABLE):
         raise BadInput(f"cannot change {', '.join(sorted(unknown))} of a pair")
     if "status" in changes and changes["status"] not in STATUSES:
         raise BadInput(f"status must be one of {', '.join(STATUSES)}")
     for col in ("question", "answer"):
         if col in changes and not str(changes[col]).strip():
             raise BadInput(f"the {col} cannot be empty")
+
+
+def update_pairs(
+    store: Store,
+    edits: dict[int, dict[str, str]],
+    expected_versions: dict[int, int] | None = None,
+    summary: str = "",
+    kind: str = "edit",
+) -> int | None:
+    """Apply edits to several pairs as one change (one Undo step); returns the change id.
+
+    Every changed value is recorded in the pair's history. With `expected_versions`, an edit
+    based on a stale copy (another tab changed the pair since) is refused and nothing is
+    written, instead of silently overwriting the other edit.
+    """
+    for changes in edits.values():
+        _check_changes(changes)
+    expected_versions = expected_versions or {}
+    stamp = now()
     with store.transaction() as conn:
-        row = conn.execute("SELECT * FROM pairs WHERE id = ?", (pair_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no pair with id {pair_id}")
-        if expected_version is not None and row["version"] != expected_version:
-            raise BadInput(f"pair {pair_id} was changed elsewhere since you opened it; reload to see the new version")
-        stamp = now()
-        changed = {k: v for k, v in changes.items() if row[k] != v}
+        rows = {}
+        for pair_id in edits:
+            row = conn.execute("SELECT * FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no pair with id {pair_id}")
+            if pair_id in expected_versions and row["version"] != expected_versions[pair_id]:
+                raise BadInput(
+                    f"pair {pair_id} was changed elsewhere since you opened it; reload to see the new version"
+                )
+            rows[pair_id] = row
+        changed = {pid: {k: v for k, v in edits[pid].items() if rows[pid][k] != v} for pid in edits}
+        changed = {pid: c for pid, c in changed.items() if c}
         if not changed:
-            return row["version"]
-        conn.executemany(
-            "INSERT INTO pair_history (pair_id, column_name, old_value, new_value, changed_at) VALUES (?, ?, ?, ?, ?)",
-            [(pair_id, k, row[k], v, stamp) for k, v in changed.items()],
-        )
-        sets = ", ".join(f"{k} = ?" for k in changed)
-        conn.execute(
-            f"UPDATE pairs SET {sets}, version = version + 1, updated_at = ? WHERE id = ?",
-            (*changed.values(), stamp, pair_id),
-        )
-        return row["version"] + 1
+            return None
+        datasets = {rows[pid]["dataset_id"] for pid in changed}
+        if len(datasets) > 1:
+            raise BadInput("one change cannot span several datasets")
+        change_id = conn.execute(
+            "INSERT INTO changes (dataset_id, kind, summary, at) VALUES (?, ?, ?, ?)",
+            (datasets.pop(), kind, summary or _summarise(changed), stamp),
+        ).lastrowid
+        for pair_id, values in changed.items():
+            conn.executemany(
+                "INSERT INTO pair_history (pair_id, column_name, old_value, new_value, changed_at, change_id)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(pair_id, k, rows[pair_id][k], v, stamp, change_id) for k, v in values.items()],
+            )
+            sets = ", ".join(f"{k} = ?" for k in values)
+            conn.execute(
+                f"UPDATE pairs SET {sets}, version = version + 1, updated_at = ? WHERE id = ?",
+                (*values.values(), stamp, pair_id),
+            )
+    return change_id
+
+
+def _summarise(changed: dict[int, dict[str, str]]) -> str:
+    if len(changed) == 1:
+        ((pair_id, values),) = changed.items()
+        if set(values) == {"status"}:
+            return f"pair {pair_id} {values['status']}"
+        return f"pair {pair_id}: edited {', '.join(values)}"
+    statuses = {v.get("status") for v in changed.values()}
+    if len(statuses) == 1 and None not in statuses:
+        return f"{len(changed)} pairs {statuses.pop()}"
+    return f"{len(changed)} pairs edited"
+
+
+def update_pair(store: Store, pair_id: int, expected_version: int | None = None, **changes: str) -> int:
+    """Change question/answer/field/status of one pair (see update_pairs); returns its new version."""
+    expected = {pair_id: expected_version} if expected_version is not None else None
+    update_pairs(store, {pair_id: changes}, expected)
+    row = store.one("SELECT version FROM pairs WHERE id = ?", (pair_id,))
+    return row["version"]
+
+
+def set_status(store: Store, pair_ids: int | list[int], status: str) -> int | None:
+    """Accept, reject or reopen one pair or many at once (one Undo step)."""
+    ids = [pair_ids] if isinstance(pair_ids, int) else list(pair_ids)
+    return update_pairs(store, {pid: {"status": status} for pid in ids})
+
+
+def last_change(store: Store, dataset: str) -> Change | None:
+    """The most recent change in a dataset that Undo would revert."""
+    row = store.one(
+        "SELECT * FROM changes WHERE dataset_id = ? AND kind = 'edit' AND undone = 0 ORDER BY id DESC LIMIT 1",
+        (dataset_id(store, dataset),),
+    )
+    if row is None:
+        return None
+    ids = [r[0] for r in store.query("SELECT DISTINCT pair_id FROM pair_history WHERE change_id = ?", (row["id"],))]
+    return Change(row["id"], dataset, row["kind"], row["summary"], row["at"], ids)
+
+
+def undo_last_change(store: Store, dataset: str) -> Change | None:
+    """Revert the most recent change (recorded in history as an undo); repeated calls step further back."""
+    with store.transaction() as conn:
+        change = last_change(store, dataset)
+        if change is None:
+            return None
+        history = conn.execute(
+            "SELECT pair_id, column_name, old_value FROM pair_history WHERE change_id = ? ORDER BY id DESC",
+            (change.id,),
+        ).fetchall()
+        reverts: dict[int, dict[str, str]] = defaultdict(dict)
+        for h in history:
+            reverts[h["pair_id"]][h["column_name"]] = h["old_value"]
+        update_pairs(store, dict(reverts), summary=f"undo: {change.summary}", kind="undo")
+        conn.execute("UPDATE changes SET undone = 1 WHERE id = ?", (change.id,))
+    return change
 
 
 def pair_history(store: Store, pair_id: int) -> list[dict]:
@@ -269,6 +417,24 @@ def split_info(store: Store, split_id: int) -> SplitInfo:
         row["n_train"],
         row["n_test"],
     )
+
+
+def list_splits(store: Store, dataset: str) -> list[dict]:
+    """Every split version of a dataset, newest first, with its sizes."""
+    rows = store.query(
+        "SELECT id FROM splits WHERE dataset_id = ? ORDER BY version DESC", (dataset_id(store, dataset),)
+    )
+    return [
+        {
+            "version": s.version,
+            "train": s.train,
+            "test": s.test,
+            "seed": s.seed,
+            "test share": s.test_size,
+            "stratified": s.stratified,
+        }
+        for s in (split_info(store, r["id"]) for r in rows)
+    ]
 
 
 def latest_split(store: Store, dataset: str) -> SplitInfo | None:

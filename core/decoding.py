@@ -65,10 +65,11 @@ class DecodingParams:
         return cls(**cast)
 
 
-def param_help(name: str) -> str:
-    return next(f.metadata["help"] for f in fields(DecodingParams) if f.name == name)
+def field_help(cls: type, name: str) -> str:
+    """The help text of a configuration dataclass field, shared by CLI flags and form widgets."""
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
 
 
-def param_range(name: str) -> tuple[float | None, float | None]:
-    f = next(f for f in fields(DecodingParams) if f.name == name)
-    return f.metadata["min"], f.metadata["max"]
+def field_range(cls: type, name: str) -> tuple[float | None, float | None]:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.metadata.get("min"), f.metadata.get("max")

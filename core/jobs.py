@@ -34,6 +34,7 @@ from core.store import Store, now
 JOB_KINDS: dict[str, str] = {
     "generate": "core.generation:run_generation_job",
     "prepare-models": "core.models:prepare_models_job",
+    "generate-qa": "core.qa_generation:run_generate_qa_job",
 }
 
 ACTIVE = ("queued", "running")
@@ -298,6 +299,10 @@ class JobContext:
                 " figures = ?, heartbeat_at = ? WHERE id = ?",
                 (done, total, message, json.dumps(merged), now(), self.job_id),
             )
+
+    def figures(self) -> dict[str, Any]:
+        """Figures reported so far, including earlier attempts of a resumed job."""
+        return json.loads(self.store.one("SELECT figures FROM jobs WHERE id = ?", (self.job_id,))["figures"])
 
     def log(self, line: str) -> None:
         self.store.execute(

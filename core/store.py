@@ -149,6 +149,28 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 2: review: quality flags, grouped changes (for undo), cached sentence embeddings
+    """
+    ALTER TABLE pairs ADD COLUMN flags TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE pairs ADD COLUMN duplicate_of INTEGER;
+    ALTER TABLE pairs ADD COLUMN duplicate_score REAL;
+    CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('edit', 'undo')),
+        summary TEXT NOT NULL DEFAULT '',
+        undone INTEGER NOT NULL DEFAULT 0,
+        at REAL NOT NULL
+    );
+    ALTER TABLE pair_history ADD COLUMN change_id INTEGER REFERENCES changes(id);
+    CREATE INDEX pair_history_by_change ON pair_history (change_id);
+    CREATE TABLE embeddings (
+        text_hash TEXT NOT NULL,
+        model TEXT NOT NULL,
+        vector BLOB NOT NULL,
+        PRIMARY KEY (text_hash, model)
+    );
+    """,
 ]
 
 

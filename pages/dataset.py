@@ -1,12 +1,21 @@
-"""Dataset: browse a dataset's pairs, import a file, draw a frozen train/test split, export."""
+"""Dataset: generate candidates, review them one at a time or in a table, import, split, export.
+
+Every action is saved at once (with its history); Undo reverts the last change. Text from
+users and models is shown as text, never as HTML.
+"""
 
 import tempfile
 from pathlib import Path
 
 import streamlit as st
 
-from core import dataset, formats
+from core import dataset, formats, jobs, qa_generation, quality
+from core.backends import USER_BACKENDS
+from core.decoding import DecodingParams, field_help
+from core.errors import WorkbenchError
 from workbench import ui
+
+PAGE_SIZE = 200
 
 st.title("Dataset")
 store = ui.store()
@@ -14,38 +23,238 @@ name = ui.dataset_picker()
 if name is None:
     st.stop()
 
-counts = dataset.status_counts(store, name)
-split = dataset.latest_split(store, name)
-cols = st.columns(4)
-for col, status in zip(cols, dataset.STATUSES):
-    col.metric(status.capitalize(), counts[status])
-cols[3].metric(
-    "Split",
-    f"v{split.version}: {split.train}/{split.test}" if split else "none",
-    help="Latest frozen train/test split over the accepted pairs",
+
+@st.fragment(run_every=3.0)
+def header() -> None:
+    """Counts per status, always in view (refreshes while a generation job adds pairs)."""
+    counts = dataset.status_counts(store, name)
+    split = dataset.latest_split(store, name)
+    cols = st.columns([1, 1, 1, 1, 2])
+    for col, status in zip(cols, dataset.STATUSES):
+        col.metric(status.capitalize(), counts[status])
+    cols[3].metric(
+        "Split",
+        f"v{split.version}: {split.train}/{split.test}" if split else "none",
+        help="Latest frozen train/test split over the accepted pairs",
+    )
+    last = dataset.last_change(store, name)
+    with cols[4]:
+        st.caption("Last change")
+        if last is None:
+            st.text("nothing to undo")
+        elif st.button(f"Undo: {last.summary}", icon=":material/undo:", shortcut="ctrl+z", key="undo"):
+            ui.attempt(lambda: dataset.undo_last_change(store, name), f"undone: {last.summary}")
+            st.rerun()
+
+
+header()
+ui.show_flashes()
+review, table, generate, upload, split_tab, quality_tab = st.tabs(
+    ["Review queue", "Table", "Generate", "Import a file", "Split & export", "Quality flags"]
 )
 
-browse, upload, split_tab = st.tabs(["Pairs", "Import a file", "Split & export"])
 
-with browse:
-    left, right = st.columns([1, 2])
-    statuses = left.multiselect("Status", dataset.STATUSES, default=list(dataset.STATUSES))
-    search = right.text_input("Search questions and answers", placeholder="e.g. baseline")
-    frame = dataset.pairs_frame(store, name)
-    frame = frame[frame["status"].isin(statuses)]
-    if search:
-        hit = frame["question"].str.contains(search, case=False, regex=False) | frame["answer"].str.contains(
-            search, case=False, regex=False
+def show_flags(pair: dict) -> None:
+    for flag in pair["flags"]:
+        st.badge(flag.replace("_", " "), icon=":material/flag:", color="orange", help=quality.FLAGS.get(flag, ""))
+    if pair["duplicate_of"]:
+        other = dataset.get_pair(store, int(pair["duplicate_of"]))
+        st.caption(
+            f"Near-duplicate (similarity {pair['duplicate_score']:.2f}) of pair {other['id']} ({other['status']}):"
         )
-        frame = frame[hit]
-    st.caption(f"{len(frame)} pair(s) shown")
-    st.dataframe(
-        frame[["id", "question", "answer", "field", "status"]],
-        hide_index=True,
-        width="stretch",
-        height=520,
-        column_config={"id": st.column_config.NumberColumn("id", format="%d", width="small")},
+        st.text(other["question"])
+
+
+def act(pair: dict, **changes: str) -> None:
+    """Save one review action against the version on screen (a stale tab is refused)."""
+    if ui.attempt(lambda: dataset.update_pair(store, pair["id"], expected_version=pair["version"], **changes)):
+        st.session_state.pop("editing", None)
+        st.rerun()
+
+
+with review:
+    c1, c2, c3 = st.columns([1, 1, 2])
+    field = c1.selectbox("Field", ["all", *dataset.fields_of(store, name)], key="queue-field")
+    flag = c2.selectbox(
+        "Flag",
+        ["all", "any", *quality.FLAGS],
+        key="queue-flag",
+        format_func=lambda f: {"all": "all pairs", "any": "any flag"}.get(f, f.replace("_", " ")),
     )
+    skipped: set[int] = st.session_state.setdefault(f"skipped-{name}", set())
+    pair = dataset.next_in_queue(
+        store, name, skipped, None if field == "all" else field, None if flag == "all" else flag
+    )
+    if skipped and c3.button(f"Bring back {len(skipped)} skipped", icon=":material/restart_alt:"):
+        skipped.clear()
+        st.rerun()
+    if pair is None:
+        st.success("Nothing pending here: every pair in this view is reviewed.", icon=":material/task_alt:")
+    else:
+        with st.container(border=True):
+            st.caption(f"Pair {pair['id']} · field: {pair['field'] or '—'} · version {pair['version']}")
+            editing = st.session_state.get("editing") == pair["id"]
+            if editing:
+                question = st.text_area("Question", pair["question"], key=f"q-{pair['id']}")
+                answer = st.text_area("Answer", pair["answer"], height=180, key=f"a-{pair['id']}")
+                new_field = st.text_input("Field", pair["field"], key=f"f-{pair['id']}")
+                b1, b2, _ = st.columns([1, 1, 3])
+                if b1.button("Save & accept", type="primary", icon=":material/check:", shortcut="ctrl+enter"):
+                    act(pair, question=question, answer=answer, field=new_field, status="accepted")
+                if b2.button("Cancel edit", icon=":material/close:", shortcut="escape"):
+                    st.session_state.pop("editing", None)
+                    st.rerun()
+            else:
+                st.markdown("**Question**")
+                st.text(pair["question"])
+                st.markdown("**Answer**")
+                st.text(pair["answer"])
+                show_flags(pair)
+                b1, b2, b3, b4, _ = st.columns([1, 1, 1, 1, 2])
+                if b1.button("Accept", type="primary", icon=":material/check:", shortcut="a"):
+                    act(pair, status="accepted")
+                if b2.button("Reject", icon=":material/block:", shortcut="r"):
+                    act(pair, status="rejected")
+                if b3.button("Edit", icon=":material/edit:", shortcut="e"):
+                    st.session_state["editing"] = pair["id"]
+                    st.rerun()
+                if b4.button("Skip", icon=":material/skip_next:", shortcut="s"):
+                    skipped.add(pair["id"])
+                    st.rerun()
+                st.caption("Keys: A accept · R reject · E edit · S skip · Ctrl+Z undo")
+            if pair["provenance"].get("job_id"):
+                with st.expander("Provenance"):
+                    st.json(pair["provenance"], expanded=False)
+
+with table:
+    f1, f2, f3, f4 = st.columns([1.2, 1.2, 1, 1.6])
+    statuses = f1.multiselect("Status", dataset.STATUSES, default=list(dataset.STATUSES), key="t-status")
+    all_fields = dataset.fields_of(store, name)
+    fields = f2.multiselect("Field", all_fields, placeholder="all fields", key="t-field")
+    t_flag = f3.selectbox(
+        "Flag",
+        ["all", "any", *quality.FLAGS],
+        key="t-flag",
+        format_func=lambda f: {"all": "all pairs", "any": "any flag"}.get(f, f.replace("_", " ")),
+    )
+    search = f4.text_input("Search questions and answers", placeholder="e.g. baseline", key="t-search")
+    frame = dataset.pairs_frame(store, name, statuses, fields or None, None if t_flag == "all" else t_flag, search)
+    pages = max(1, -(-len(frame) // PAGE_SIZE))
+    p1, p2 = st.columns([1, 4])
+    page_no = p1.number_input("Page", 1, pages, 1, key="t-page") if pages > 1 else 1
+    p2.caption(f"{len(frame)} pair(s) match · edits are saved as you make them · click a column header to sort")
+    shown = frame.iloc[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE].copy()
+    shown.insert(0, "select", False)
+    shown["duplicate_of"] = shown["duplicate_of"].astype("Int64")
+    editor_key = f"editor-{name}-{st.session_state.get('table_saves', 0)}"
+
+    def save_table_edits() -> None:
+        edited = st.session_state[editor_key]["edited_rows"]
+        edits = {
+            int(shown.iloc[i]["id"]): {k: v for k, v in row.items() if k in dataset.EDITABLE}
+            for i, row in edited.items()
+        }
+        edits = {pid: c for pid, c in edits.items() if c}
+        if edits:
+            versions = {int(r["id"]): int(r["version"]) for _, r in shown.iterrows() if int(r["id"]) in edits}
+            try:
+                dataset.update_pairs(store, edits, versions)
+            except WorkbenchError as exc:  # shown on the next run; the editor reloads saved values
+                st.session_state["table_error"] = str(exc)
+            st.session_state["table_saves"] = st.session_state.get("table_saves", 0) + 1
+
+    if error := st.session_state.pop("table_error", None):
+        st.error(error, icon=":material/error:")
+    edited = st.data_editor(
+        shown,
+        key=editor_key,
+        on_change=save_table_edits,
+        hide_index=True,
+        height=520,
+        width="stretch",
+        column_order=["select", "id", "question", "answer", "field", "status", "flags", "duplicate_of"],
+        disabled=["id", "flags", "duplicate_of"],
+        column_config={
+            "select": st.column_config.CheckboxColumn("✓", width="small"),
+            "id": st.column_config.NumberColumn("id", format="%d", width="small"),
+            "question": st.column_config.TextColumn("question", width="large"),
+            "answer": st.column_config.TextColumn("answer", width="large"),
+            "status": st.column_config.SelectboxColumn("status", options=dataset.STATUSES, required=True),
+            "flags": st.column_config.ListColumn("flags"),
+            "duplicate_of": st.column_config.NumberColumn("dup of", format="%d", width="small"),
+        },
+    )
+    chosen = [int(i) for i in edited.loc[edited["select"], "id"]]
+    everything = st.checkbox(f"Apply to all {len(frame)} matching pairs, not only the ticked ones", key="t-all")
+    targets = [int(i) for i in frame["id"]] if everything else chosen
+    b1, b2, b3, _ = st.columns([1, 1, 1, 2])
+    for col, label, status, icon in (
+        (b1, "Accept", "accepted", ":material/check:"),
+        (b2, "Reject", "rejected", ":material/block:"),
+        (b3, "Back to pending", "pending", ":material/undo:"),
+    ):
+        if col.button(f"{label} ({len(targets)})", disabled=not targets, icon=icon, key=f"bulk-{status}"):
+            ui.attempt(
+                lambda status=status: dataset.set_status(store, targets, status), f"{len(targets)} pair(s) {status}"
+            )
+            st.session_state["table_saves"] = st.session_state.get("table_saves", 0) + 1
+            st.rerun()
+
+with generate:
+    st.markdown(
+        "Ask a model for research questions on your topics, then for an answer to each. "
+        "The pairs arrive here as **pending**; output that is not a usable pair is dropped and counted."
+    )
+    with st.form("generate"):
+        g1, g2, g3 = st.columns([3, 1, 1])
+        topics = g1.text_input(
+            "Topics or fields",
+            "machine learning; nlp; systems",
+            help=field_help(qa_generation.QAGenerationConfig, "topics"),
+        )
+        n = g2.number_input("Pairs", 1, 1000, 10, help=field_help(qa_generation.QAGenerationConfig, "n"))
+        backend = g3.selectbox("Backend", USER_BACKENDS)
+        model = st.text_input("Model", "", help=field_help(qa_generation.QAGenerationConfig, "model"))
+        question_prompt = st.text_area(
+            "Question prompt",
+            qa_generation.DEFAULT_QUESTION_PROMPT,
+            height=120,
+            help=field_help(qa_generation.QAGenerationConfig, "question_prompt"),
+        )
+        answer_prompt = st.text_area(
+            "Answer prompt",
+            qa_generation.DEFAULT_ANSWER_PROMPT,
+            height=70,
+            help=field_help(qa_generation.QAGenerationConfig, "answer_prompt"),
+        )
+        defaults = qa_generation.QAGenerationConfig(dataset=name, topics=["x"])
+        a1, a2 = st.columns(2)
+        temperature = a1.slider("Answer temperature", 0.0, 2.0, defaults.answer_params.temperature, 0.05)
+        max_tokens = a2.slider("Answer max tokens", 16, 512, defaults.answer_params.max_tokens, 8)
+        go = st.form_submit_button("Generate", type="primary", icon=":material/auto_awesome:")
+    if go:
+
+        def start() -> int:
+            config = qa_generation.QAGenerationConfig(
+                dataset=name,
+                topics=qa_generation.parse_topics(topics),
+                n=int(n),
+                backend=backend,
+                model=model,
+                question_prompt=question_prompt,
+                answer_prompt=answer_prompt,
+                answer_params=DecodingParams(
+                    **{**defaults.answer_params.to_dict(), "temperature": temperature, "max_tokens": max_tokens}
+                ),
+            )
+            return qa_generation.submit(store, config)
+
+        if job_id := ui.attempt(start, "generation started"):
+            st.session_state["generate_job"] = job_id
+    recent = [j for j in jobs.list_jobs(store, kind="generate-qa", limit=20) if j.params.get("dataset") == name]
+    if recent:
+        job_id = st.session_state.get("generate_job", recent[0].id)
+        ui.job_panel(job_id)
 
 with upload:
     st.markdown(
@@ -65,8 +274,9 @@ with upload:
             if parsed is not None:
                 summary = ui.attempt(lambda: dataset.import_parsed(store, parsed, target, status))
                 if summary is not None:
-                    st.success(dataset.describe_import(summary))
-                    st.session_state["current_dataset"] = summary.dataset
+                    ui.flash(dataset.describe_import(summary))
+                    ui.switch_dataset(summary.dataset)
+                    st.rerun()
 
 with split_tab:
     st.markdown(
@@ -76,11 +286,15 @@ with split_tab:
     c1, c2, c3 = st.columns([1, 1, 2])
     test_size = c1.number_input("Test share", min_value=0.05, max_value=0.95, value=0.2, step=0.05)
     seed = c2.number_input("Seed", min_value=0, value=42, step=1)
+    split = dataset.latest_split(store, name)
     if c3.button("Draw a new split", icon=":material/call_split:"):
         info = ui.attempt(lambda: dataset.make_split(store, name, float(test_size), int(seed)))
         if info:
             st.success(f"split v{info.version}: {info.train} train / {info.test} test")
             split = info
+    versions = dataset.list_splits(store, name)
+    if versions:
+        st.dataframe(versions, hide_index=True, width="stretch")
     st.divider()
     st.subheader("Export accepted pairs")
     parts = ["all", "train", "test"] if split else ["all"]
@@ -93,13 +307,51 @@ with split_tab:
     with tempfile.TemporaryDirectory() as tmp:
         for fmt, mime in (("jsonl", "application/jsonl"), ("csv", "text/csv")):
             path = Path(tmp) / f"{name}-{part}.{fmt}"
-            n = ui.attempt(lambda path=path, fmt=fmt: dataset.export_pairs(store, name, path, fmt, part))
-            if n is not None:
+            n_rows = ui.attempt(lambda path=path, fmt=fmt: dataset.export_pairs(store, name, path, fmt, part))
+            if n_rows is not None:
                 st.download_button(
-                    f"Download {fmt.upper()} ({n} pairs)",
+                    f"Download {fmt.upper()} ({n_rows} pairs)",
                     path.read_bytes(),
                     file_name=path.name,
                     mime=mime,
                     icon=":material/download:",
                     key=f"dl-{fmt}",
+                )
+
+with quality_tab:
+    config = quality.load_config(store)
+    st.markdown("Flags guide review; they never change or delete a pair.")
+    st.dataframe([{"flag": k, "meaning": v} for k, v in quality.FLAGS.items()], hide_index=True, width="stretch")
+    with st.form("quality"):
+        threshold = st.slider(
+            "Near-duplicate threshold (cosine similarity of question embeddings)",
+            0.5,
+            1.0,
+            float(config.duplicate_threshold),
+            0.01,
+            help=field_help(quality.QualityConfig, "duplicate_threshold"),
+        )
+        q1, q2 = st.columns(2)
+        min_words = q1.number_input("Answers shorter than (words)", 1, 200, config.min_answer_words)
+        max_words = q2.number_input("Answers longer than (words)", 20, 5000, config.max_answer_words)
+        if st.form_submit_button("Save and re-flag", icon=":material/flag:"):
+
+            def reflag() -> quality.FlagSummary:
+                from dataclasses import replace
+
+                quality.save_config(
+                    store,
+                    replace(
+                        config,
+                        duplicate_threshold=threshold,
+                        min_answer_words=int(min_words),
+                        max_answer_words=int(max_words),
+                    ),
+                )
+                return quality.flag_dataset(store, name)
+
+            if summary := ui.attempt(reflag):
+                st.success(
+                    f"re-flagged {summary.pairs} pairs: "
+                    + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.counts.items() if v)
                 )

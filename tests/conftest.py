@@ -7,6 +7,7 @@ WORKBENCH_MODELS there so that no test re-converts them.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,10 +21,34 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "empty_workspace: start from a workspace with no store at all")
+
+
+@pytest.fixture(scope="session")
+def seeded_store_file(tmp_path_factory) -> Path:
+    """A store with the starter dataset imported and flagged, built once and copied into each test.
+
+    First use of a workspace embeds the starter questions (seconds); copying spares every test that.
+    """
+    from core import dataset
+    from core.store import Store
+
+    path = tmp_path_factory.mktemp("seed") / "workbench.sqlite"
+    with Store(path) as store:
+        dataset.ensure_starter(store)
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path
+
+
 @pytest.fixture(autouse=True)
-def workbench_home(tmp_path, monkeypatch) -> Path:
+def workbench_home(request, tmp_path, monkeypatch) -> Path:
+    """Each test's own WORKBENCH_HOME: a seeded copy of the starter workspace, or empty when marked so."""
     home = tmp_path / "workspace"
+    home.mkdir()
     monkeypatch.setenv("WORKBENCH_HOME", str(home))
+    if not request.node.get_closest_marker("empty_workspace"):
+        shutil.copy(request.getfixturevalue("seeded_store_file"), home / "workbench.sqlite")
     return home
 
 
@@ -64,9 +89,15 @@ def tiny_llama(tmp_path_factory, embedded_models) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(embedded_models.hf_checkpoint_dir())
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -84,8 +115,12 @@ def free_port() -> int:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m workbench ARGS` in a subprocess, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "workbench", *args], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=timeout,
+        [sys.executable, "-m", "workbench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
     )
 
 
@@ -99,9 +134,23 @@ def app_server(tmp_path_factory):
     port = free_port()
     log = open(home / "streamlit.log", "wb")  # noqa: SIM115 - closed when the fixture ends
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "workbench/app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, env={**os.environ, "WORKBENCH_HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "workbench/app.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "WORKBENCH_HOME": str(home)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -129,9 +178,18 @@ def browser():
     if not chromium.exists():
         pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install chromium)")
     with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(chromium), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-            "--disable-component-update", "--disable-sync", "--disable-quic"])
+        b = p.chromium.launch(
+            executable_path=str(chromium),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--no-first-run",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+            ],
+        )
         yield b
         b.close()
 

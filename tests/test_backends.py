@@ -34,11 +34,24 @@ def test_decoding_params_are_validated_with_one_line_reasons():
 def test_each_engine_gets_every_decoding_parameter_under_its_own_name():
     params = DecodingParams(temperature=0.7, top_p=0.8, top_k=20, max_tokens=33, repeat_penalty=1.3, seed=5)
     assert completion_kwargs(params, ["\n\n"]) == {
-        "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_tokens": 33, "repeat_penalty": 1.3, "seed": 5,
-        "stop": ["\n\n"]}
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "max_tokens": 33,
+        "repeat_penalty": 1.3,
+        "seed": 5,
+        "stop": ["\n\n"],
+    }
     hf = generate_kwargs(params, pad_token_id=0)
-    assert hf == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 33,
-                       "repetition_penalty": 1.3, "pad_token_id": 0, "do_sample": True}
+    assert hf == {
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "max_new_tokens": 33,
+        "repetition_penalty": 1.3,
+        "pad_token_id": 0,
+        "do_sample": True,
+    }
     assert generate_kwargs(GREEDY, 0)["do_sample"] is False
 
 
@@ -118,8 +131,9 @@ def test_transformers_applies_a_peft_adapter(tiny_llama, tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     # Random (not zero) LoRA weights, so the adapter visibly changes the output.
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False))
+    lora = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     lora.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     params = DecodingParams(temperature=0.0, max_tokens=8, repeat_penalty=1.0)

@@ -23,7 +23,10 @@ MALFORMED = {
 
 def export_all(tmp_path):
     out = tmp_path / "snapshot.jsonl"
-    assert run_cli("export", "--dataset", "starter", "--status", "all", "--format", "jsonl", "-o", str(out)).returncode == 0
+    assert (
+        run_cli("export", "--dataset", "starter", "--status", "all", "--format", "jsonl", "-o", str(out)).returncode
+        == 0
+    )
     datasets = run_cli("datasets", "--json")
     return out.read_text(), json.loads(datasets.stdout)
 
@@ -43,7 +46,7 @@ def test_a_malformed_file_exits_2_with_one_line_and_changes_nothing(case, tmp_pa
 
 def test_import_reports_added_and_skipped_rows(tmp_path):
     path = tmp_path / "mine.csv"
-    path.write_bytes(b"\xef\xbb\xbfQuestion,ANSWER,field,source\r\nq1?,\"two\r\nlines\",ml,paper\r\n,blank\r\n")
+    path.write_bytes(b'\xef\xbb\xbfQuestion,ANSWER,field,source\r\nq1?,"two\r\nlines",ml,paper\r\n,blank\r\n')
     result = run_cli("import", str(path), "--status", "pending")
     assert result.returncode == 0, result.stderr
     assert "imported 1 pair(s) into 'mine' as pending, skipped 1 row(s)" in result.stdout
@@ -55,15 +58,22 @@ def test_split_then_export_each_part(tmp_path):
     sizes = {}
     for part in ("train", "test"):
         out = tmp_path / f"{part}.jsonl"
-        assert run_cli("export", "--dataset", "starter", "--split", part, "--format", "jsonl", "-o", str(out)).returncode == 0
+        assert (
+            run_cli("export", "--dataset", "starter", "--split", part, "--format", "jsonl", "-o", str(out)).returncode
+            == 0
+        )
         sizes[part] = len(out.read_text().splitlines())
     assert f"{sizes['train']} train / {sizes['test']} test" in result.stdout
 
 
 def test_bad_flags_exit_2_without_traceback():
-    for args in (["split", "--dataset", "nope"], ["split", "--dataset", "starter", "--test-size", "1.5"],
-                 ["export", "--dataset", "starter", "--split", "test", "-o", "/tmp/x.jsonl"],
-                 ["import"], ["resume", "999"]):
+    for args in (
+        ["split", "--dataset", "nope"],
+        ["split", "--dataset", "starter", "--test-size", "1.5"],
+        ["export", "--dataset", "starter", "--split", "test", "-o", "/tmp/x.jsonl"],
+        ["import"],
+        ["resume", "999"],
+    ):
         result = run_cli(*args)
         assert result.returncode == 2, args
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) >= 1

@@ -8,6 +8,7 @@ from core import dataset, formats
 from core.errors import BadInput, NotFound
 
 
+@pytest.mark.empty_workspace
 def test_the_starter_dataset_is_imported_once_on_first_run(store):
     summary = dataset.ensure_starter(store)
     assert summary.dataset == "starter" and summary.added >= 100
@@ -47,7 +48,9 @@ def test_every_edit_is_kept_with_its_history(store):
     assert version == 2
     history = dataset.pair_history(store, pair_id)
     assert {(h["column_name"], h["old_value"], h["new_value"]) for h in history} == {
-        ("answer", "a", "a better answer"), ("status", "pending", "accepted")}
+        ("answer", "a", "a better answer"),
+        ("status", "pending", "accepted"),
+    }
     assert all(h["changed_at"] > 0 for h in history)
 
 
@@ -80,7 +83,8 @@ def test_a_split_is_stratified_by_field_and_seeded(store):
     again = dataset.make_split(store, "starter", 0.2, seed=7)
     assert again.version == 2
     assert [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=again.id)] == [
-        p.id for p in test_pairs]
+        p.id for p in test_pairs
+    ]
 
 
 def test_earlier_split_versions_stay_frozen(store):

@@ -14,9 +14,17 @@ from tests.conftest import run_cli
 
 
 def echo_run(store, delay: float, **spec) -> int:
-    return runs.create_run(store, runs.RunSpec(dataset="starter", backend="echo", part="test",
-                                               backend_options={"delay": delay},
-                                               params=DecodingParams(max_tokens=12), **spec))
+    return runs.create_run(
+        store,
+        runs.RunSpec(
+            dataset="starter",
+            backend="echo",
+            part="test",
+            backend_options={"delay": delay},
+            params=DecodingParams(max_tokens=12),
+            **spec,
+        ),
+    )
 
 
 def wait_until(predicate, timeout=30.0):
@@ -52,8 +60,9 @@ def test_a_killed_job_shows_interrupted_and_resumes_exactly_once(starter):
     jobs.resume(starter, job_id)
     job = jobs.wait(starter, job_id, timeout=90)
     assert job.state == "done" and job.attempts == 2
-    rows = starter.query("SELECT pair_id, repeat, COUNT(*) AS n FROM generations WHERE run_id = ? GROUP BY 1, 2",
-                         (run_id,))
+    rows = starter.query(
+        "SELECT pair_id, repeat, COUNT(*) AS n FROM generations WHERE run_id = ? GROUP BY 1, 2", (run_id,)
+    )
     assert len(rows) == job.total and all(r["n"] == 1 for r in rows)
 
 
@@ -76,8 +85,10 @@ def test_a_job_that_ignores_cancel_is_killed_after_the_grace_period(starter, mon
 
 
 def test_a_failing_job_records_a_one_line_reason(starter):
-    run_id = runs.create_run(starter, runs.RunSpec(dataset="starter", backend="ollama", model="nope",
-                                                   backend_options={"host": "http://127.0.0.1:9"}))
+    run_id = runs.create_run(
+        starter,
+        runs.RunSpec(dataset="starter", backend="ollama", model="nope", backend_options={"host": "http://127.0.0.1:9"}),
+    )
     job = jobs.wait(starter, jobs.submit(starter, "generate", {"run_id": run_id}), timeout=60)
     # An unreachable server pauses the job (resumable) instead of failing it.
     assert job.state == "interrupted" and "not reachable" in job.message
@@ -105,8 +116,15 @@ def test_an_ollama_run_pauses_when_the_server_vanishes_and_resumes_exactly_once(
 
     server = OllamaStandin(delay=0.2).start()
     try:
-        run_id = runs.create_run(starter, runs.RunSpec(dataset="starter", backend="ollama", model="standin-tiny",
-                                                       backend_options={"host": server.url, "timeout": 5.0}))
+        run_id = runs.create_run(
+            starter,
+            runs.RunSpec(
+                dataset="starter",
+                backend="ollama",
+                model="standin-tiny",
+                backend_options={"host": server.url, "timeout": 5.0},
+            ),
+        )
         job_id = jobs.submit(starter, "generate", {"run_id": run_id})
         wait_until(lambda: jobs.get(starter, job_id).done >= 3)
         server.stop()

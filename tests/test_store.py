@@ -7,6 +7,8 @@ import pytest
 from core import workspace
 from core.store import MIGRATIONS, Store
 
+pytestmark = pytest.mark.empty_workspace
+
 
 def test_store_lives_in_the_workspace_in_wal_mode(store, workbench_home):
     assert store.path == workbench_home / "workbench.sqlite" == workspace.db_path()
@@ -17,8 +19,20 @@ def test_store_lives_in_the_workspace_in_wal_mode(store, workbench_home):
 def test_a_new_store_is_migrated_to_the_newest_schema(store):
     assert store.schema_version == len(MIGRATIONS)
     tables = {r["name"] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    expected = {"datasets", "pairs", "pair_history", "splits", "split_members", "runs", "generations", "scores",
-                "jobs", "job_log", "training_metrics", "settings"}
+    expected = {
+        "datasets",
+        "pairs",
+        "pair_history",
+        "splits",
+        "split_members",
+        "runs",
+        "generations",
+        "scores",
+        "jobs",
+        "job_log",
+        "training_metrics",
+        "settings",
+    }
     assert expected <= tables
 
 

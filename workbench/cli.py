@@ -11,11 +11,16 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
 
-from core import dataset, formats, jobs, models, runs
-from core.errors import WorkbenchError
+from core import dataset, formats, jobs, models, qa_generation, runs
+from core.backends import USER_BACKENDS
+from core.decoding import field_help
+from core.errors import BadInput, WorkbenchError
 from core.store import Store
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "tests" / "benchmarks"
 
 
 def open_workspace() -> Store:
@@ -117,15 +122,37 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     with Store() as store:
         job = jobs.resume(store, args.job_id)
-        if args.background:
-            print(f"job {job.id} resumed in the background")
-            return 0
-        return follow(store, job.id)
+        return follow_or_detach(store, job.id, args.background)
 
 
 def cmd_run_job(args: argparse.Namespace) -> int:
     state = jobs.run(args.job_id)
     return 0 if state in ("done", "cancelled") else 1
+
+
+def cmd_generate_qa(args: argparse.Namespace) -> int:
+    config = qa_generation.QAGenerationConfig(
+        dataset=args.dataset,
+        topics=qa_generation.parse_topics(args.topics),
+        n=args.n,
+        backend=args.backend,
+        model=args.model or "",
+        question_prompt=args.question_prompt,
+        answer_prompt=args.answer_prompt,
+    )
+    with open_workspace() as store:
+        job_id = qa_generation.submit(store, config)
+        return follow_or_detach(store, job_id, args.background)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    names = sorted(p.stem.removeprefix("bench_") for p in BENCH_DIR.glob("bench_*.py"))
+    if args.name not in names:
+        raise BadInput(f"no benchmark named {args.name!r}; known: {', '.join(names)}")
+    result = importlib.import_module(f"tests.benchmarks.bench_{args.name}").main()
+    return 0 if result["met"] else 1
 
 
 def cmd_prepare_models(args: argparse.Namespace) -> int:
@@ -135,6 +162,13 @@ def cmd_prepare_models(args: argparse.Namespace) -> int:
 
 
 # ---- following a job in the foreground -------------------------------------------------------
+
+
+def follow_or_detach(store: Store, job_id: int, background: bool) -> int:
+    if background:
+        print(f"job {job_id} started in the background; follow it with `python -m workbench jobs`")
+        return 0
+    return follow(store, job_id)
 
 
 def follow(store: Store, job_id: int, out=sys.stderr) -> int:
@@ -192,6 +226,15 @@ def _positive_float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _add_config_args(parser: argparse.ArgumentParser, cls: type, options: dict[str, dict]) -> None:
+    """Flags named after a config dataclass's fields, with the fields' own defaults and help texts."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name, extra in options.items():
+        default = defaults[name] if defaults[name] is not MISSING else None
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, default=default, help=field_help(cls, name), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +309,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run-job", cmd_run_job, "Run a job in this process (used by the job runner; not for everyday use).")
     p.add_argument("job_id", type=int, help="id of the job to run")
+
+    p = command(
+        "generate-qa",
+        cmd_generate_qa,
+        "Generate candidate QA pairs with an LLM; they arrive as pending, for review on the Dataset page.",
+    )
+    _add_config_args(
+        p,
+        qa_generation.QAGenerationConfig,
+        {
+            "dataset": {"required": True},
+            "topics": {"required": True},
+            "n": {"type": int},
+            "backend": {"choices": (*USER_BACKENDS, "echo")},
+            "model": {},
+            "question_prompt": {},
+            "answer_prompt": {},
+        },
+    )
+    p.add_argument("--background", action="store_true", help="return at once with the job id")
+
+    p = command("bench", cmd_bench, "Run one benchmark from tests/benchmarks (`make bench` runs them all).")
+    p.add_argument("name", help="benchmark name, e.g. dataset (tests/benchmarks/bench_dataset.py)")
 
     command(
         "prepare-models",

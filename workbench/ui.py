@@ -61,14 +61,34 @@ def attempt(action: Callable[[], object], success: str | None = None) -> object 
 
 
 def dataset_picker(key: str = "dataset", label: str = "Dataset") -> str | None:
+    """Pick a dataset; the choice lives in the URL (?dataset=…), so a reload keeps it."""
     names = dataset.list_datasets(store())
     if not names:
         st.info("No dataset yet: import a file on the Dataset page.")
         return None
-    default = st.session_state.get("current_dataset", names[0])
-    chosen = st.selectbox(label, names, index=names.index(default) if default in names else 0, key=key)
-    st.session_state["current_dataset"] = chosen
+    switch = st.session_state.pop("switch_dataset", None)
+    if switch in names:
+        st.session_state[key] = switch
+    elif st.session_state.get(key) not in names and st.query_params.get("dataset") in names:
+        st.session_state[key] = st.query_params["dataset"]
+    chosen = st.selectbox(label, names, key=key)
+    st.query_params["dataset"] = chosen
     return chosen
+
+
+def switch_dataset(name: str) -> None:
+    """Make the picker show `name` on the next run (a widget's value cannot change after it is drawn)."""
+    st.session_state["switch_dataset"] = name
+
+
+def flash(message: str) -> None:
+    """A success message that survives the rerun that follows an action."""
+    st.session_state.setdefault("_flash", []).append(message)
+
+
+def show_flashes() -> None:
+    for message in st.session_state.pop("_flash", []):
+        st.success(message, icon=":material/check_circle:")
 
 
 def _fmt_seconds(seconds: float | None) -> str:
