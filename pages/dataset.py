@@ -66,8 +66,9 @@ def show_flags(pair: dict) -> None:
 
 
 def act(pair: dict, **changes: str) -> None:
-    """Save one review action against the version on screen (a stale tab is refused)."""
-    if ui.attempt(lambda: dataset.update_pair(store, pair["id"], expected_version=pair["version"], **changes)):
+    """Save one review action against the version the user saw (an edit made meanwhile is not overwritten)."""
+    seen = st.session_state.get("seen_versions", {}).get(pair["id"], pair["version"])
+    if ui.attempt(lambda: dataset.update_pair(store, pair["id"], expected_version=seen, **changes)):
         st.session_state.pop("editing", None)
         st.rerun()
 
@@ -113,7 +114,7 @@ with review:
                 b1, b2, b3, b4, _ = st.columns([1, 1, 1, 1, 2])
                 if b1.button("Accept", type="primary", icon=":material/check:", shortcut="a"):
                     act(pair, status="accepted")
-                if b2.button("Reject", icon=":material/block:", shortcut="r"):
+                if b2.button("Reject", icon=":material/block:", shortcut="x"):
                     act(pair, status="rejected")
                 if b3.button("Edit", icon=":material/edit:", shortcut="e"):
                     st.session_state["editing"] = pair["id"]
@@ -121,10 +122,12 @@ with review:
                 if b4.button("Skip", icon=":material/skip_next:", shortcut="s"):
                     skipped.add(pair["id"])
                     st.rerun()
-                st.caption("Keys: A accept · R reject · E edit · S skip · Ctrl+Z undo")
+                st.caption("Keys: A accept · X reject · E edit · S skip · Ctrl+Z undo · Ctrl+Enter saves an edit")
             if pair["provenance"].get("job_id"):
                 with st.expander("Provenance"):
                     st.json(pair["provenance"], expanded=False)
+        # What is on screen now is what the next click acts on.
+        st.session_state["seen_versions"] = {pair["id"]: pair["version"]}
 
 with table:
     f1, f2, f3, f4 = st.columns([1.2, 1.2, 1, 1.6])

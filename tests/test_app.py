@@ -87,3 +87,68 @@ def test_settings_list_the_models_of_a_live_ollama(app, monkeypatch):
         monkeypatch.setenv("OLLAMA_HOST", server.url)
         open_page(app, PAGES[3])
         assert any("reachable with 2 model(s)" in s.value for s in app.success)
+
+
+@pytest.fixture
+def pending_pairs():
+    from core import formats
+
+    with Store() as store:
+        rows = [
+            formats.PairRow(
+                f"What is method number {i} in research?",
+                f"It is a method, number {i}, with enough words in its answer to pass every check.",
+                "ml",
+            )
+            for i in range(4)
+        ]
+        dataset.add_pairs(store, "review", rows, "pending")
+        return [int(i) for i in dataset.pairs_frame(store, "review")["id"]]
+
+
+def review_page(app: AppTest) -> AppTest:
+    app.query_params["dataset"] = "review"
+    return open_page(app, PAGES[1])
+
+
+def click(app: AppTest, label: str) -> AppTest:
+    next(b for b in app.button if b.label == label).click().run()
+    assert not app.exception, app.exception
+    return app
+
+
+def statuses(ids):
+    with Store() as store:
+        return [dataset.get_pair(store, i)["status"] for i in ids]
+
+
+def test_the_review_queue_accepts_rejects_skips_and_edits_one_pair_at_a_time(app, pending_pairs):
+    review_page(app)
+    click(app, "Accept")
+    click(app, "Reject")
+    click(app, "Skip")
+    click(app, "Edit")
+    app.text_area[1].input("An edited answer that is long enough to be a real answer.")
+    click(app, "Save & accept")
+    assert statuses(pending_pairs) == ["accepted", "rejected", "pending", "accepted"]
+    with Store() as store:
+        assert dataset.get_pair(store, pending_pairs[3])["answer"].startswith("An edited answer")
+    assert [m.value for m in app.metric[:3]] == ["1", "2", "1"]  # pending, accepted, rejected
+
+
+def test_undo_reverts_the_last_review_action(app, pending_pairs):
+    review_page(app)
+    click(app, "Reject")
+    undo = next(b for b in app.button if b.label.startswith("Undo:"))
+    assert undo.label == f"Undo: pair {pending_pairs[0]} rejected"
+    undo.click().run()
+    assert statuses(pending_pairs)[0] == "pending"
+
+
+def test_a_stale_tab_cannot_overwrite_a_newer_edit(app, pending_pairs):
+    review_page(app)  # shows the first pair at version 1
+    with Store() as store:
+        dataset.update_pair(store, pending_pairs[0], answer="Changed in another tab meanwhile, long enough.")
+    click(app, "Reject")
+    assert any("changed elsewhere" in e.value for e in app.error)
+    assert statuses(pending_pairs)[0] == "pending"

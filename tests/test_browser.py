@@ -5,6 +5,7 @@ temporary folder.
 """
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,78 @@ def test_uploading_a_file_imports_it_and_a_bad_one_is_refused(app_server, page, 
     for path, expected in ((bad, "broken.json, line 1"), (good, "imported 1 pair(s) into 'starter'")):
         page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(path))
         page.wait_for_timeout(500)
-        page.get_by_role("button", name="Import").click()
+        click_button(page, "Import")
         page.get_by_text(expected).first.wait_for(timeout=30_000)
     assert not page.query_selector("[data-testid='stException']")
+
+
+def click_button(page, name: str) -> None:
+    """Click the visible button labelled `name` (its accessible name also holds icon and shortcut text)."""
+    label = re.compile(rf"(^|\s){re.escape(name)}(\s|$)")
+    page.get_by_role("button", name=label).filter(visible=True).first.click()
+    page.wait_for_timeout(300)
+    wait_for_streamlit(page)
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick an option of a Streamlit selectbox by its label."""
+    page.locator("[data-testid='stSelectbox']").filter(has_text=label).locator("input").first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_timeout(300)
+
+
+def test_review_in_the_browser_survives_a_reload_then_splits_and_exports(app_server, page, tmp_path):
+    import sqlite3
+
+    datasets = pytest.importorskip("datasets")
+    rows = "\n".join(
+        f"Which check number {i} should a careful researcher run?,Check {i} is a sound step that "
+        f"every careful researcher runs before trusting a result.,ml"
+        for i in range(5)
+    )
+    upload = tmp_path / "review-e2e.csv"
+    upload.write_text("question,answer,field\n" + rows + "\n")
+
+    page.goto(f"{app_server.url}/dataset")
+    wait_for_streamlit(page)
+    page.get_by_role("tab", name="Import a file").click()
+    page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(upload))
+    page.wait_for_timeout(500)
+    page.get_by_role("textbox", name="Into dataset").fill("review-e2e")
+    choose(page, "Imported pairs are", "pending")
+    click_button(page, "Import")
+    page.get_by_text("imported 5 pair(s) into 'review-e2e' as pending").wait_for(timeout=30_000)
+
+    page.get_by_role("tab", name="Review queue").click()
+    for action in ("Accept", "Accept", "Reject"):
+        click_button(page, action)
+    click_button(page, "Edit")
+    page.get_by_role("textbox", name="Answer").fill("Edited in the browser: this answer replaces the generated one.")
+    page.get_by_role("textbox", name="Answer").blur()
+    page.wait_for_timeout(300)
+    click_button(page, "Save & accept")
+
+    page.reload()
+    wait_for_streamlit(page)
+    assert page.url.endswith("dataset=review-e2e")  # the choice lives in the URL, so a reload keeps it
+    metrics = page.locator("[data-testid='stMetricValue']").all_inner_texts()
+    assert metrics[:3] == ["1", "3", "1"]  # pending, accepted, rejected
+    db = sqlite3.connect(app_server.home / "workbench.sqlite")
+    saved = db.execute(
+        "SELECT p.status, p.answer FROM pairs p JOIN datasets d ON d.id = p.dataset_id "
+        "WHERE d.name = 'review-e2e' ORDER BY p.id"
+    ).fetchall()
+    db.close()
+    assert [s for s, _ in saved] == ["accepted", "accepted", "rejected", "accepted", "pending"]
+    assert saved[3][1].startswith("Edited in the browser")
+
+    page.get_by_role("tab", name="Split & export").click()
+    click_button(page, "Draw a new split")
+    page.get_by_text("split v1: 2 train / 1 test").first.wait_for(timeout=30_000)
+    with page.expect_download() as download:
+        click_button(page, "Download JSONL (3 pairs)")
+    exported = tmp_path / "export.jsonl"
+    download.value.save_as(exported)
+    loaded = datasets.load_dataset("json", data_files=str(exported), split="train")
+    assert loaded.num_rows == 3 and set(loaded.column_names) == {"question", "answer", "field"}
+    assert any(a.startswith("Edited in the browser") for a in loaded["answer"])

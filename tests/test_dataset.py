@@ -114,3 +114,47 @@ def test_export_writes_accepted_pairs_of_a_split_part(store, tmp_path):
     csv_out = tmp_path / "all.csv"
     n = dataset.export_pairs(store, "starter", csv_out, "csv")
     assert len(formats.read_pairs(csv_out).rows) == n == info.train + info.test
+
+
+def test_a_bulk_status_change_is_one_undo_step(store):
+    ids = [int(i) for i in dataset.pairs_frame(store, "starter")["id"][:5]]
+    dataset.set_status(store, ids, "rejected")
+    assert dataset.last_change(store, "starter").summary == "5 pairs rejected"
+    dataset.undo_last_change(store, "starter")
+    assert set(dataset.pairs_frame(store, "starter")["status"]) == {"accepted"}
+
+
+def test_undo_steps_back_one_change_at_a_time_and_keeps_history(store):
+    pair_id = int(dataset.pairs_frame(store, "starter")["id"][0])
+    original = dataset.get_pair(store, pair_id)["answer"]
+    dataset.update_pair(store, pair_id, answer="second")
+    dataset.set_status(store, pair_id, "rejected")
+    assert dataset.undo_last_change(store, "starter").summary == f"pair {pair_id} rejected"
+    assert dataset.get_pair(store, pair_id)["status"] == "accepted"
+    dataset.undo_last_change(store, "starter")
+    assert dataset.get_pair(store, pair_id)["answer"] == original
+    assert dataset.undo_last_change(store, "starter") is None
+    history = dataset.pair_history(store, pair_id)
+    assert [h["new_value"] for h in history] == ["second", "rejected", "accepted", original]
+
+
+def test_filters_combine_status_field_flag_and_text(store):
+    dataset.add_pairs(
+        store,
+        "mixed",
+        [
+            formats.PairRow("no mark here", "short", "x"),
+            formats.PairRow("What is a baseline?", "A reference method.", "y"),
+        ],
+        "pending",
+    )
+    from core import quality
+
+    quality.flag_dataset(store, "mixed")
+    assert len(dataset.pairs_frame(store, "mixed", flag="no_question_mark")) == 1
+    assert len(dataset.pairs_frame(store, "mixed", fields=["y"], search="BASELINE")) == 1
+    assert len(dataset.pairs_frame(store, "mixed", statuses=["accepted"])) == 0
+    assert (
+        dataset.next_in_queue(store, "mixed", skipped={dataset.pairs_frame(store, "mixed")["id"][0]})["question"]
+        == "What is a baseline?"
+    )
