@@ -173,17 +173,19 @@ with table:
         key=editor_key,
         on_change=save_table_edits,
         hide_index=True,
-        height=520,
+        height=min(560, 35 * (len(shown) + 1) + 3),
         width="stretch",
-        column_order=["select", "id", "question", "answer", "field", "status", "flags", "duplicate_of"],
+        column_order=["select", "id", "status", "field", "flags", "question", "answer", "duplicate_of"],
+
         disabled=["id", "flags", "duplicate_of"],
         column_config={
             "select": st.column_config.CheckboxColumn("✓", width="small"),
             "id": st.column_config.NumberColumn("id", format="%d", width="small"),
-            "question": st.column_config.TextColumn("question", width="large"),
+            "question": st.column_config.TextColumn("question", width="medium"),
             "answer": st.column_config.TextColumn("answer", width="large"),
+            "field": st.column_config.TextColumn("field", width="small"),
             "status": st.column_config.SelectboxColumn("status", options=dataset.STATUSES, required=True),
-            "flags": st.column_config.ListColumn("flags"),
+            "flags": st.column_config.ListColumn("flags", width="medium"),
             "duplicate_of": st.column_config.NumberColumn("dup of", format="%d", width="small"),
         },
     )

@@ -129,3 +129,38 @@ def test_review_in_the_browser_survives_a_reload_then_splits_and_exports(app_ser
     loaded = datasets.load_dataset("json", data_files=str(exported), split="train")
     assert loaded.num_rows == 3 and set(loaded.column_names) == {"question", "answer", "field"}
     assert any(a.startswith("Edited in the browser") for a in loaded["answer"])
+
+
+def test_table_cell_edits_and_bulk_actions_are_saved(app_server, page):
+    """The data grid is drawn on a canvas: cells are reached by position (fixed viewport, fixed column widths)."""
+    import sqlite3
+
+    page.goto(f"{app_server.url}/dataset?dataset=starter")
+    wait_for_streamlit(page)
+    page.get_by_role("tab", name="Table").click()
+    grid = page.locator("[data-testid='stDataFrameResizable']").filter(visible=True).first
+    box = grid.bounding_box()
+    row = lambda i: box["y"] + 38 + 35 * i + 17  # noqa: E731 - header, then 35 px rows
+    page.wait_for_timeout(500)
+    page.mouse.dblclick(box["x"] + 270, row(1))  # the field cell of the second row
+    page.wait_for_selector("textarea.gdg-input", timeout=10_000)  # the cell editor opened
+    page.wait_for_timeout(500)
+    page.keyboard.press("Control+a")
+    page.keyboard.type("edited in the grid")
+    page.wait_for_timeout(300)
+    page.keyboard.press("Enter")
+
+    page.wait_for_timeout(500)
+    wait_for_streamlit(page)
+    page.mouse.click(box["x"] + 38, row(0))  # tick the first row
+    page.wait_for_timeout(500)
+    wait_for_streamlit(page)
+    click_button(page, "Reject (1)")
+    wait_for_streamlit(page)
+    db = sqlite3.connect(app_server.home / "workbench.sqlite")
+    first, second = db.execute("SELECT status, field FROM pairs ORDER BY id LIMIT 2").fetchall()
+    db.close()
+    assert first[0] == "rejected"
+    assert second[1] == "edited in the grid"
+
+
