@@ -176,7 +176,6 @@ with table:
         height=min(560, 35 * (len(shown) + 1) + 3),
         width="stretch",
         column_order=["select", "id", "status", "field", "flags", "question", "answer", "duplicate_of"],
-
         disabled=["id", "flags", "duplicate_of"],
         column_config={
             "select": st.column_config.CheckboxColumn("✓", width="small"),

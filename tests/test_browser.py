@@ -162,5 +162,3 @@ def test_table_cell_edits_and_bulk_actions_are_saved(app_server, page):
     db.close()
     assert first[0] == "rejected"
     assert second[1] == "edited in the grid"
-
-
