@@ -8,10 +8,12 @@ the user can fix (server down, unknown model, timeout) pause the job, keeping wh
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from core import runs, settings
 from core.backends import make_backend
+from core.backends.base import Backend
 from core.decoding import DecodingParams
 from core.errors import BackendError
 from core.jobs import JobContext, JobPaused
@@ -36,15 +38,8 @@ def pending_items(store: Store, run: runs.Run) -> list[tuple[runs.ds.StoredPair,
     return [(p, r) for r in range(repeats) for p in pairs if (p.id, r) not in done]
 
 
-def generate_run(ctx: JobContext, run_id: int) -> None:
-    store = ctx.store
-    run = runs.get_run(store, run_id)
-    total = len(runs.run_pairs(store, run)) * int(run.config.get("repeats", 1))
-    todo = pending_items(store, run)
-    done = total - len(todo)
-    ctx.progress(done, total, f"run {run_id}: {len(todo)} answers to generate")
-    if not todo:
-        return
+def backend_for(store: Store, run: runs.Run) -> Backend:
+    """The backend a run asks for, configured from the run and the workspace settings."""
     options = dict(run.config.get("backend_options") or {})
     if run.adapter and run.backend == "transformers":
         options["adapter"] = run.adapter
@@ -54,14 +49,48 @@ def generate_run(ctx: JobContext, run_id: int) -> None:
         chosen = settings.load(store)
         options.setdefault("host", chosen.effective_ollama_host)
         options.setdefault("parallel", chosen.ollama_parallel)
+    return make_backend(run.backend, run.model or None, **options)
+
+
+def batch_size_for(backend: Backend) -> int:
+    """Prompts sharing a configuration go together: transformers batches them, Ollama serves them in parallel."""
+    return int(getattr(backend, "batch_size", None) or getattr(backend, "parallel", None) or 1)
+
+
+@dataclass
+class Tally:
+    """Progress of a job across one or several runs, reported through the job context."""
+
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    tokens_at_start: int | None = None
+
+    def report(self, ctx: JobContext, backend: Backend, message: str) -> None:
+        if self.tokens_at_start is None:
+            self.tokens_at_start = backend.completion_tokens
+        elapsed = time.monotonic() - self.started
+        rate = (backend.completion_tokens - self.tokens_at_start) / elapsed if elapsed > 0 else 0.0
+        ctx.progress(self.done, self.total, message, tokens_per_s=round(rate, 1))
+
+
+def total_items(store: Store, run: runs.Run) -> int:
+    return len(runs.run_pairs(store, run)) * int(run.config.get("repeats", 1))
+
+
+def generate_run(
+    ctx: JobContext,
+    run: runs.Run,
+    backend: Backend,
+    tally: Tally,
+    on_batch: Callable[[list[int]], None] | None = None,
+) -> None:
+    """Generate a run's missing answers, committing each batch; `on_batch` gets the new generation ids."""
+    store = ctx.store
+    todo = pending_items(store, run)
     stop = stop_sequences(run.prompt_template)
-    # Prompts sharing a configuration go to the backend together: transformers batches them,
-    # Ollama serves `parallel` of them at once.
-    batch_size = {"transformers": int(options.get("batch_size", 16)), "ollama": int(options.get("parallel", 1))}
-    batch_size = batch_size.get(run.backend, 1)
+    batch_size = batch_size_for(backend)
     try:
-        backend = make_backend(run.backend, run.model or None, **options)
-        started = time.monotonic()
         for repeat in sorted({r for _, r in todo}):
             pairs = [p for p, r in todo if r == repeat]
             for start in range(0, len(pairs), batch_size):
@@ -75,22 +104,29 @@ def generate_run(ctx: JobContext, run_id: int) -> None:
                 )
                 seconds = (time.monotonic() - t0) / len(batch)
                 with store.transaction() as conn:
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO generations (run_id, pair_id, repeat, answer, seconds, created_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        [(run_id, p.id, repeat, a, seconds, now()) for p, a in zip(batch, answers)],
-                    )
-                done += len(batch)
-                elapsed = time.monotonic() - started
-                ctx.progress(
-                    done,
-                    total,
-                    f"run {run_id}: {done}/{total} answers",
-                    tokens_per_s=round(backend.completion_tokens / elapsed, 1) if elapsed else None,
-                )
+                    ids = [
+                        conn.execute(
+                            "INSERT INTO generations (run_id, pair_id, repeat, answer, seconds, created_at)"
+                            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                            (run.id, p.id, repeat, a, seconds, now()),
+                        ).fetchone()
+                        for p, a in zip(batch, answers)
+                    ]
+                if on_batch:
+                    on_batch([row[0] for row in ids if row])
+                tally.done += len(batch)
+                tally.report(ctx, backend, f"run {run.id}: {tally.done}/{tally.total} answers")
     except BackendError as exc:
         raise JobPaused(f"paused: {exc}") from None
 
 
 def run_generation_job(ctx: JobContext) -> None:
-    generate_run(ctx, int(ctx.params["run_id"]))
+    run = runs.get_run(ctx.store, int(ctx.params["run_id"]))
+    total = total_items(ctx.store, run)
+    tally = Tally(total=total, done=total - len(pending_items(ctx.store, run)))
+    ctx.progress(tally.done, total, f"run {run.id}: {total - tally.done} answers to generate")
+    try:
+        backend = backend_for(ctx.store, run)
+    except BackendError as exc:
+        raise JobPaused(f"paused: {exc}") from None
+    generate_run(ctx, run, backend, tally)

@@ -35,6 +35,7 @@ JOB_KINDS: dict[str, str] = {
     "generate": "core.generation:run_generation_job",
     "prepare-models": "core.models:prepare_models_job",
     "generate-qa": "core.qa_generation:run_generate_qa_job",
+    "sweep": "core.sweep:run_sweep_job",
 }
 
 ACTIVE = ("queued", "running")

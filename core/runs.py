@@ -35,6 +35,7 @@ class RunSpec:
     limit: int | None = None
     repeats: int = 1
     backend_options: dict[str, Any] = field(default_factory=dict)
+    scorer: str = ""  # the scorer stamp its answers are scored with (empty: not scored)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Run:
     config: dict[str, Any]
     job_id: int | None
     created_at: float
+    sweep_id: int | None = None
+    scorer: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,36 +104,45 @@ def resolve_model(store: Store, backend: str, model: str) -> str:
     return model or backend
 
 
-def create_run(store: Store, spec: RunSpec) -> int:
-    """Record a run; its pairs are fixed now (the split version in force) so reruns see the same questions."""
+def check_spec(store: Store, spec: RunSpec) -> tuple[str, ds.SplitInfo | None]:
+    """Refuse a run that cannot work (before anything is written); returns its model and split."""
     check_template(spec.prompt_template)
+    if spec.part not in ("all", *ds.PARTS):
+        raise BadInput(f"part must be test, train or all, got {spec.part!r}")
     if spec.repeats < 1:
         raise BadInput("repeats must be at least 1")
     if spec.limit is not None and spec.limit < 1:
         raise BadInput("limit must be at least 1")
+    ds.dataset_id(store, spec.dataset)
     split = ds.latest_split(store, spec.dataset) if spec.part != "all" else None
     if spec.part != "all" and split is None:
         raise BadInput(f"dataset {spec.dataset!r} has no split yet; run `split --dataset {spec.dataset}` first")
-    dataset_id = ds.dataset_id(store, spec.dataset)
+    if split is not None and (split.test if spec.part == "test" else split.train) == 0:
+        raise BadInput(f"the {spec.part} part of {spec.dataset!r} split v{split.version} is empty")
+    return resolve_model(store, spec.backend, spec.model), split
+
+
+def create_run(store: Store, spec: RunSpec) -> int:
+    """Record a run; its pairs are fixed now (the split version in force) so reruns see the same questions."""
+    model, split = check_spec(store, spec)
     config = {"limit": spec.limit, "repeats": spec.repeats, "backend_options": spec.backend_options}
-    model = resolve_model(store, spec.backend, spec.model)
-    model_hash = model_fingerprint(store, model)
     return store.execute(
         "INSERT INTO runs (kind, label, dataset_id, split_id, part, backend, model, model_hash, adapter, params,"
-        " prompt_template, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " prompt_template, config, scorer, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             spec.kind,
             spec.label,
-            dataset_id,
+            ds.dataset_id(store, spec.dataset),
             split.id if split else None,
             spec.part,
             spec.backend,
-            spec.model,
-            model_hash,
+            model,
+            model_fingerprint(store, model),
             spec.adapter,
             json.dumps(spec.params.to_dict()),
             spec.prompt_template,
             json.dumps(config),
+            spec.scorer,
             now(),
         ),
     ).lastrowid
@@ -164,6 +176,8 @@ def _to_run(row: Any) -> Run:
         config=json.loads(row["config"]),
         job_id=row["job_id"],
         created_at=row["created_at"],
+        sweep_id=row["sweep_id"],
+        scorer=row["scorer"],
     )
 
 

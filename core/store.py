@@ -171,6 +171,37 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (text_hash, model)
     );
     """,
+    # 3: scoring caches and sweeps
+    """
+    CREATE TABLE reference_embeddings (
+        scorer TEXT NOT NULL,
+        text_hash TEXT NOT NULL,
+        n_tokens INTEGER NOT NULL,
+        dim INTEGER NOT NULL,
+        embedding BLOB NOT NULL,
+        PRIMARY KEY (scorer, text_hash)
+    );
+    CREATE TABLE score_baselines (
+        scorer TEXT NOT NULL,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+        f1 REAL NOT NULL,
+        precision REAL NOT NULL,
+        recall REAL NOT NULL,
+        n_pairs INTEGER NOT NULL,
+        PRIMARY KEY (scorer, dataset_id)
+    );
+    CREATE TABLE sweeps (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+        config TEXT NOT NULL,
+        job_id INTEGER REFERENCES jobs(id),
+        created_at REAL NOT NULL
+    );
+    ALTER TABLE runs ADD COLUMN sweep_id INTEGER REFERENCES sweeps(id);
+    ALTER TABLE runs ADD COLUMN scorer TEXT NOT NULL DEFAULT '';
+    CREATE INDEX generations_by_run ON generations (run_id);
+    CREATE INDEX scores_by_generation ON scores (generation_id);
+    """,
 ]
 
 

@@ -21,6 +21,8 @@ navigation = st.navigation(
         "Workbench": [
             st.Page(PAGES_DIR / "overview.py", title="Overview", icon=":material/home:", default=True),
             st.Page(PAGES_DIR / "dataset.py", title="Dataset", icon=":material/table_view:"),
+            st.Page(PAGES_DIR / "playground.py", title="Playground", icon=":material/tune:"),
+            st.Page(PAGES_DIR / "sweep.py", title="Sweep", icon=":material/grid_view:"),
         ],
         "System": [
             st.Page(PAGES_DIR / "jobs.py", title="Jobs", icon=":material/pending_actions:"),

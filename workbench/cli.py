@@ -16,9 +16,10 @@ from pathlib import Path
 
 from core import dataset, formats, jobs, models, qa_generation, runs
 from core.backends import USER_BACKENDS
-from core.decoding import field_help
+from core.decoding import DecodingParams, field_help
 from core.errors import BadInput, WorkbenchError
 from core.store import Store
+from core.sweep import SweepConfig
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "tests" / "benchmarks"
 
@@ -143,6 +144,55 @@ def cmd_generate_qa(args: argparse.Namespace) -> int:
     with open_workspace() as store:
         job_id = qa_generation.submit(store, config)
         return follow_or_detach(store, job_id, args.background)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from core import sweep
+
+    config = sweep.SweepConfig(
+        dataset=args.dataset,
+        grid=sweep.parse_grid(args.grid),
+        mode=args.mode,
+        backend=args.backend,
+        model=args.model or "",
+        part=args.split,
+        limit=args.limit,
+        repeats=args.repeats,
+        trials=args.trials,
+        scorer_model=args.scorer or "",
+        rescale=args.rescale,
+        baseline=DecodingParams.from_dict(
+            {k: getattr(args, k) for k in sweep.SWEEPABLE if getattr(args, k) is not None}
+        ),
+    )
+    with open_workspace() as store:
+        sweep_id, job_id = sweep.start_sweep(store, config)
+        print(f"sweep {sweep_id}: job {job_id}")
+        code = follow_or_detach(store, job_id, args.background)
+        if code == 0 and not args.background:
+            _print_rows(_sweep_rows(sweep.sweep_table(store, sweep_id)), False)
+        return code
+
+
+def _sweep_rows(frame) -> list[dict]:
+    from core.sweep import SWEEPABLE
+
+    rows = []
+    for _, r in frame.iterrows():
+        varied = " ".join(f"{k}={r[k]}" for k in SWEEPABLE if r[k] is not None and r[k] == r[k])
+        rows.append(
+            {
+                "run": int(r["run"]),
+                "params": varied,
+                "n": int(r["n"]),
+                "mean_f1": f"{r['mean_f1']:.4f}",
+                "95% CI": f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
+                "median_f1": f"{r['median_f1']:.4f}",
+                "rouge_l": f"{r['rouge_l']:.4f}",
+                "best": "*" if r["best"] else "",
+            }
+        )
+    return rows
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -328,6 +378,38 @@ def build_parser() -> argparse.ArgumentParser:
             "answer_prompt": {},
         },
     )
+    p.add_argument("--background", action="store_true", help="return at once with the job id")
+
+    p = command(
+        "sweep",
+        cmd_sweep,
+        "Sweep decoding parameters over a dataset split; every configuration "
+        "becomes a scored run (BERTScore F1, ROUGE-L).",
+    )
+    p.add_argument("--dataset", required=True, help=field_help(SweepConfig, "dataset"))
+    p.add_argument("--split", choices=("test", "train", "all"), default="test", help=field_help(SweepConfig, "part"))
+    p.add_argument(
+        "--backend", choices=(*USER_BACKENDS, "echo"), default="llamacpp", help=field_help(SweepConfig, "backend")
+    )
+    p.add_argument("--model", help=field_help(SweepConfig, "model"))
+    p.add_argument("--grid", required=True, help=field_help(SweepConfig, "grid"))
+    p.add_argument(
+        "--mode",
+        choices=("product", "one-at-a-time", "optuna"),
+        default="product",
+        help=field_help(SweepConfig, "mode"),
+    )
+    p.add_argument("--limit", type=int, help=field_help(SweepConfig, "limit"))
+    p.add_argument("--repeats", type=int, default=1, help=field_help(SweepConfig, "repeats"))
+    p.add_argument("--trials", type=int, default=10, help=field_help(SweepConfig, "trials"))
+    p.add_argument("--scorer", help=field_help(SweepConfig, "scorer_model"))
+    p.add_argument("--rescale", action="store_true", help=field_help(SweepConfig, "rescale"))
+    for name in ("temperature", "top_p", "top_k", "max_tokens", "repeat_penalty", "seed"):
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float if name in ("temperature", "top_p", "repeat_penalty") else int,
+            help=f"baseline {name} (default {getattr(DecodingParams(), name)}): " + field_help(DecodingParams, name),
+        )
     p.add_argument("--background", action="store_true", help="return at once with the job id")
 
     p = command("bench", cmd_bench, "Run one benchmark from tests/benchmarks (`make bench` runs them all).")

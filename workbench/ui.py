@@ -164,3 +164,68 @@ JOB_COLUMNS = {
     "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
     "id": st.column_config.NumberColumn("id", format="%d"),
 }
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading the model ...")
+def loaded_backend(name: str, model: str, host: str = ""):
+    """A backend kept loaded across reruns and sessions, so the next answer starts at once."""
+    from core.backends import make_backend
+
+    options = {"host": host} if name == "ollama" else {}
+    return make_backend(name, model or None, **options)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the BERTScore model ...")
+def loaded_scorer(model: str):
+    from core import scoring
+
+    return scoring.Scorer(scoring.ScorerConfig(model=model))
+
+
+def decoding_sliders(key: str, defaults=None):
+    """Sliders for every decoding parameter, with the same ranges and help texts as the CLI."""
+    from core.decoding import DecodingParams, field_help, field_range
+
+    d = defaults or DecodingParams()
+
+    def rng(name):
+        return field_range(DecodingParams, name)
+
+    temperature = st.slider(
+        "temperature",
+        *rng("temperature"),
+        d.temperature,
+        0.05,
+        key=f"{key}-t",
+        help=field_help(DecodingParams, "temperature"),
+    )
+    top_p = st.slider("top_p", *rng("top_p"), d.top_p, 0.01, key=f"{key}-p", help=field_help(DecodingParams, "top_p"))
+    top_k = st.slider("top_k", 0, 200, d.top_k, 1, key=f"{key}-k", help=field_help(DecodingParams, "top_k"))
+    max_tokens = st.slider(
+        "max_tokens", 1, 1024, d.max_tokens, 1, key=f"{key}-m", help=field_help(DecodingParams, "max_tokens")
+    )
+    repeat_penalty = st.slider(
+        "repeat_penalty",
+        *rng("repeat_penalty"),
+        d.repeat_penalty,
+        0.01,
+        key=f"{key}-r",
+        help=field_help(DecodingParams, "repeat_penalty"),
+    )
+    seed = st.text_input(
+        "seed",
+        "" if d.seed is None else str(d.seed),
+        key=f"{key}-s",
+        help=field_help(DecodingParams, "seed"),
+        placeholder="random",
+    )
+    return DecodingParams.from_dict(
+        {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "max_tokens": max_tokens,
+            "repeat_penalty": repeat_penalty,
+            "seed": seed,
+        }
+    )

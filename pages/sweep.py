@@ -1,0 +1,156 @@
+"""Sweep: run a grid (or an Optuna search) of decoding parameters over a dataset split and compare.
+
+Every configuration becomes a scored run. Results show a histogram of F1 per configuration
+(same bins and axes), mean F1 with its 95% confidence interval against each parameter, and a
+table sorted by mean F1 with the best configuration marked; selecting a row lists its answers.
+"""
+
+import streamlit as st
+
+from core import scoring, sweep
+from core.backends import USER_BACKENDS
+from core.decoding import DecodingParams, field_help
+from workbench import figures, ui
+
+NUMBER_COLUMNS = ("mean_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l")
+
+st.title("Sweep")
+store = ui.store()
+name = ui.dataset_picker()
+if name is None:
+    st.stop()
+
+with st.expander("New sweep", expanded=not sweep.list_sweeps(store, name)):
+    with st.form("sweep"):
+        c1, c2, c3, c4 = st.columns(4)
+        backend = c1.selectbox("Backend", USER_BACKENDS, help=field_help(sweep.SweepConfig, "backend"))
+        model = c2.text_input("Model", "", help=field_help(sweep.SweepConfig, "model"))
+        part = c3.selectbox("Questions", ["test", "train", "all"], help=field_help(sweep.SweepConfig, "part"))
+        mode = c4.selectbox("Mode", sweep.MODES, help=field_help(sweep.SweepConfig, "mode"))
+        st.markdown(
+            "**Grid** — comma-separated values per parameter; leave a parameter empty to keep it at the baseline value."
+        )
+        grid_cols = st.columns(len(sweep.SWEEPABLE))
+        defaults = {"temperature": "0, 0.7", "top_p": "0.7"}
+        grid_text = {
+            p: col.text_input(p, defaults.get(p, ""), help=field_help(DecodingParams, p))
+            for col, p in zip(grid_cols, sweep.SWEEPABLE)
+        }
+        with st.popover("Baseline values"):
+            baseline = ui.attempt(lambda: ui.decoding_sliders("sweep-base"))
+        d1, d2, d3, d4, d5 = st.columns(5)
+        limit = d1.number_input("Questions (0 = all)", 0, 100_000, 0, help=field_help(sweep.SweepConfig, "limit"))
+        repeats = d2.number_input("Repeats", 1, 100, 1, help=field_help(sweep.SweepConfig, "repeats"))
+        trials = d3.number_input("Optuna trials", 1, 500, 10, help=field_help(sweep.SweepConfig, "trials"))
+        scorer_model = d4.text_input("BERTScore model", "", help=field_help(sweep.SweepConfig, "scorer_model"))
+        rescale = d5.checkbox("Rescale F1", help=field_help(sweep.SweepConfig, "rescale"))
+        go = st.form_submit_button("Start sweep", type="primary", icon=":material/play_arrow:")
+    if go and baseline:
+
+        def start():
+            grid = sweep.parse_grid(" ".join(f"{p}={v.replace(' ', '')}" for p, v in grid_text.items() if v.strip()))
+            config = sweep.SweepConfig(
+                dataset=name,
+                grid=grid,
+                mode=mode,
+                baseline=baseline,
+                backend=backend,
+                model=model,
+                part=part,
+                limit=int(limit) or None,
+                repeats=int(repeats),
+                trials=int(trials),
+                scorer_model=scorer_model,
+                rescale=rescale,
+            )
+            return sweep.start_sweep(store, config)
+
+        if started := ui.attempt(start, "sweep started"):
+            st.session_state["sweep_id"] = started[0]
+
+sweeps = sweep.list_sweeps(store, name)
+if not sweeps:
+    st.info("No sweep on this dataset yet: start one above.")
+    st.stop()
+
+
+def describe(s: sweep.Sweep) -> str:
+    grid = " ".join(f"{k}={','.join(str(v) for v in vs)}" for k, vs in s.config.grid.items())
+    return f"sweep {s.id} · {s.config.backend} · {s.config.mode} · {grid}"
+
+
+ids = [s.id for s in sweeps]
+wanted = st.session_state.get("sweep_id")
+chosen_id = st.selectbox(
+    "Sweep",
+    ids,
+    index=ids.index(wanted) if wanted in ids else 0,
+    format_func=lambda i: describe(next(s for s in sweeps if s.id == i)),
+)
+chosen = sweep.get_sweep(store, chosen_id)
+if chosen.job_id:
+    ui.job_panel(chosen.job_id, log_lines=4)
+again = st.button("Run this sweep again", icon=":material/replay:", help="A new sweep with the same settings")
+if again and (started := ui.attempt(lambda: sweep.start_sweep(store, chosen.config), "sweep started again")):
+    st.session_state["sweep_id"] = started[0]
+    st.rerun()
+
+
+@st.fragment(run_every=5.0)
+def results() -> None:
+    table = sweep.sweep_table(store, chosen.id)
+    if table.empty or not table["n"].any():
+        st.caption("No scored answers yet.")
+        return
+    varied = [p for p in sweep.SWEEPABLE if table[p].nunique(dropna=True) > 1]
+    filters = {}
+    if varied:
+        cols = st.columns(len(varied))
+        for col, p in zip(cols, varied):
+            values = sorted(table[p].dropna().unique().tolist())
+            filters[p] = col.multiselect(f"Show {p}", values, default=values, key=f"filter-{chosen.id}-{p}")
+    for p, values in filters.items():
+        table = table[table[p].isin(values)]
+    labels = {
+        int(r["run"]): " ".join(f"{p}={r[p]}" for p in varied) or f"run {int(r['run'])}" for _, r in table.iterrows()
+    }
+    stamp = scoring.scorer_stamp(chosen.config.scorer)
+    scores = {labels[run]: scoring.run_scores(store, run, stamp)["f1"].tolist() for run in labels}
+    st.plotly_chart(figures.score_histograms(scores, "BERTScore F1"), width="stretch")
+    for p in varied:
+        st.plotly_chart(figures.mean_with_ci(table, p), width="stretch")
+    shown = table[["best", "run", *varied, "n", "mean_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l"]]
+    st.caption("Select a configuration to read its answers next to the references.")
+    picked = st.dataframe(
+        shown,
+        hide_index=True,
+        width="stretch",
+        on_select="rerun",
+        selection_mode="single-row",
+        key=f"sweep-table-{chosen.id}",
+        column_config={
+            "best": st.column_config.CheckboxColumn("best"),
+            "run": st.column_config.NumberColumn(format="%d"),
+            **{
+                c: st.column_config.NumberColumn(format="%.4f")
+                for c in ("mean_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l")
+            },
+        },
+    )
+    rows = picked.selection.rows if picked else []
+    if rows:
+        run_id = int(shown.iloc[rows[0]]["run"])
+        answers = scoring.run_scores(store, run_id, stamp)
+        st.subheader(f"Answers of run {run_id}")
+        st.dataframe(
+            answers[["question", "reference", "answer", "f1", "rouge_l", "repeat"]],
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "f1": st.column_config.NumberColumn(format="%.3f"),
+                "rouge_l": st.column_config.NumberColumn(format="%.3f"),
+            },
+        )
+
+
+results()

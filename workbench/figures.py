@@ -1,0 +1,93 @@
+"""Every plotly figure the pages draw, one builder per chart kind, so the same data always looks the same.
+
+Score histograms share bins and axes across runs, so distributions can be compared by eye.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+PALETTE = ["#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9", "#c92a2a", "#1098ad", "#f08c00", "#5c940d"]
+F1_RANGE = (0.0, 1.0)
+
+
+def _layout(fig: go.Figure, height: int) -> go.Figure:
+    fig.update_layout(
+        height=height,
+        margin={"l": 40, "r": 10, "t": 40, "b": 40},
+        template="plotly_white",
+        font={"size": 12},
+        bargap=0.05,
+    )
+    return fig
+
+
+def score_histograms(
+    scores: Mapping[str, Sequence[float]],
+    metric: str = "F1",
+    bins: int = 20,
+    value_range: tuple[float, float] = F1_RANGE,
+    columns: int = 3,
+) -> go.Figure:
+    """Small multiples: one histogram per run, identical bins and axes, the mean marked."""
+    names = list(scores)
+    cols = max(1, min(columns, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=names,
+        shared_xaxes=True,
+        shared_yaxes=True,
+        horizontal_spacing=0.04,
+        vertical_spacing=0.12,
+    )
+    size = (value_range[1] - value_range[0]) / bins
+    for i, name in enumerate(names):
+        values = np.asarray([v for v in scores[name] if v == v], dtype=float)
+        row, col = i // cols + 1, i % cols + 1
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(
+            go.Histogram(
+                x=values,
+                xbins={"start": value_range[0], "end": value_range[1], "size": size},
+                marker_color=color,
+                name=name,
+                showlegend=False,
+                hovertemplate=f"{metric} %{{x}}<br>answers %{{y}}<extra>{name}</extra>",
+            ),
+            row=row,
+            col=col,
+        )
+        if len(values):
+            fig.add_vline(x=float(values.mean()), line_dash="dash", line_color="#495057", row=row, col=col)
+    fig.update_xaxes(range=list(value_range), title_text=metric, row=rows)
+    fig.update_yaxes(title_text="answers", col=1)
+    return _layout(fig, 260 * rows + 40)
+
+
+def mean_with_ci(table, parameter: str, metric: str = "mean F1") -> go.Figure:
+    """Mean score with its 95% confidence interval against one decoding parameter's values."""
+    ordered = table.sort_values(parameter)
+    fig = go.Figure(
+        go.Scatter(
+            x=ordered[parameter],
+            y=ordered["mean_f1"],
+            mode="markers+lines",
+            marker={"size": 9, "color": PALETTE[0]},
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": ordered["ci_high"] - ordered["mean_f1"],
+                "arrayminus": ordered["mean_f1"] - ordered["ci_low"],
+            },
+            hovertemplate=f"{parameter} %{{x}}<br>{metric} %{{y:.4f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(title=f"{metric} by {parameter} (95% CI)", xaxis_title=parameter, yaxis_title=metric)
+    return _layout(fig, 320)
