@@ -154,7 +154,9 @@ def resolve_generator(model: str | None, engine: str) -> str:
     For llama.cpp a GGUF file is needed; for transformers a checkpoint folder or hub id.
     """
     if model in (None, "", EMBEDDED_GENERATOR):
-        path = gguf_path() if engine == "llamacpp" else hf_checkpoint_dir()
+        if engine == "llamacpp":
+            return str(prepare_gguf(progress=lambda _: None))  # assembling takes about a second
+        path = hf_checkpoint_dir()
         if not path.exists():
             raise NotFound(
                 f"the embedded model is not prepared yet ({path}); run `make run` or "

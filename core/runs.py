@@ -204,7 +204,9 @@ def list_runs(store: Store) -> list[RunSummary]:
     }
     f1s: dict[int, list[float]] = {}
     for r in store.query(
-        "SELECT g.run_id, s.f1 FROM scores s JOIN generations g ON g.id = s.generation_id WHERE s.f1 IS NOT NULL"
+        # Only scores with the run's own scorer stamp: numbers from different scorers never mix.
+        "SELECT g.run_id, s.f1 FROM scores s JOIN generations g ON g.id = s.generation_id"
+        " JOIN runs r ON r.id = g.run_id AND s.scorer = r.scorer WHERE s.f1 IS NOT NULL"
     ):
         f1s.setdefault(r["run_id"], []).append(r["f1"])
     out = []

@@ -152,3 +152,41 @@ def test_a_stale_tab_cannot_overwrite_a_newer_edit(app, pending_pairs):
     click(app, "Reject")
     assert any("changed elsewhere" in e.value for e in app.error)
     assert statuses(pending_pairs)[0] == "pending"
+
+
+def test_the_playground_streams_an_answer_with_its_f1(app, embedded_models):
+    open_page(app, "../pages/playground.py")
+    app.slider(key="pg0-t").set_value(0.0)
+    app.slider(key="pg0-m").set_value(16)
+    click(app, "Run")
+    answer = app.text[-1].value if app.text else ""
+    assert answer.strip()
+    assert any("BERTScore F1" in c.value for c in app.caption)
+
+
+def test_the_playground_compares_two_settings_side_by_side(app, embedded_models):
+    open_page(app, "../pages/playground.py")
+    app.toggle[0].set_value(True).run()
+    for side, tokens in ((0, 8), (1, 24)):
+        app.slider(key=f"pg{side}-t").set_value(0.0)
+        app.slider(key=f"pg{side}-m").set_value(tokens)
+    click(app, "Run")
+    answers = [t.value for t in app.text if t.value.strip()]
+    assert len(answers) >= 2 and len(answers[-1]) > len(answers[-2])  # B may use three times the tokens of A
+    assert sum("first token" in c.value for c in app.caption) == 2
+
+
+def test_the_sweep_page_starts_a_sweep_and_shows_its_results(app):
+    with Store() as store:
+        dataset.make_split(store, "starter")
+    open_page(app, "../pages/sweep.py")
+    backend = next(s for s in app.selectbox if s.label == "Backend")
+    assert backend.options[0] == "llamacpp"
+    next(n for n in app.number_input if n.label.startswith("Questions")).set_value(3)
+    click(app, "Start sweep")
+    with Store() as store:
+        job = jobs.list_jobs(store, kind="sweep")[0]
+        assert jobs.wait(store, job.id, timeout=180).state == "done"
+    app.run()
+    assert not app.exception
+    assert any("mean F1 by temperature" in str(c.proto.spec) for c in app.get("plotly_chart"))

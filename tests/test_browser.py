@@ -162,3 +162,42 @@ def test_table_cell_edits_and_bulk_actions_are_saved(app_server, page):
     db.close()
     assert first[0] == "rejected"
     assert second[1] == "edited in the grid"
+
+
+def test_playground_slider_and_streamed_answer(app_server, page, embedded_models):
+    page.goto(f"{app_server.url}/playground")
+    wait_for_streamlit(page)
+    slider = page.get_by_role("slider", name="temperature").first
+    assert slider.input_value() == "0.7"
+    slider.focus()
+    for _ in range(4):
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_timeout(300)
+    assert slider.input_value() == "0.5"
+
+    click_button(page, "Run")
+    answer = page.locator("[data-testid='stText']").filter(visible=True).last
+    answer.wait_for(timeout=120_000)
+
+    page.get_by_text("first token").first.wait_for(timeout=120_000)
+    assert answer.inner_text().strip()
+    assert not page.query_selector("[data-testid='stException']")
+
+
+def test_a_small_sweep_started_in_the_browser_shows_its_histogram(app_server, page, embedded_models):
+    from tests.conftest import run_cli
+
+    assert run_cli("split", "--dataset", "starter", env={"WORKBENCH_HOME": str(app_server.home)}).returncode == 0
+    page.goto(f"{app_server.url}/sweep")
+    wait_for_streamlit(page)
+    questions = page.get_by_role("spinbutton", name=re.compile("Questions"))
+    questions.fill("2")
+    questions.press("Tab")
+    grid_temperature = page.get_by_role("textbox", name="temperature")
+    grid_temperature.fill("0, 1")
+    max_tokens = page.get_by_role("textbox", name="max_tokens")
+    max_tokens.fill("24")
+    click_button(page, "Start sweep")
+    page.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
+    page.get_by_text("mean F1 by temperature").first.wait_for(timeout=60_000)
+    assert not page.query_selector("[data-testid='stException']")
