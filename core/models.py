@@ -40,6 +40,7 @@ class ModelState:
 
 
 def gguf_path() -> Path:
+
     return workspace.models_dir() / GGUF_NAME
 
 

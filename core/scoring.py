@@ -166,6 +166,16 @@ def _keep_layers(model: Any, num_layers: int) -> None:
     raise BadInput(f"cannot pick layer {num_layers} of a {type(model).__name__}; use a BERT-like scorer model")
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+def warm_up(config: ScorerConfig) -> threading.Thread:
+    """Load the scorer in the background (imports and weights take seconds) while answers are generated."""
+    thread = threading.Thread(target=lambda: Scorer(config), daemon=True, name="scorer-warm-up")
+    thread.start()
+    return thread
+
+
 @functools.lru_cache(maxsize=2)
 def _load(model: str, num_layers: int) -> tuple[Any, Any]:
     """bert_score's tokenizer (the slow one) and the encoder cut at `num_layers`, once per process."""
@@ -241,7 +251,10 @@ class Scorer:
         self.config = config or ScorerConfig()
         self.stamp = scorer_stamp(self.config)
         self.embedding_stamp = _embedding_stamp(self.config)
-        self.tokenizer, self.model = _load(self.config.model, _num_layers(self.config.model, self.config.num_layers))
+        with _LOAD_LOCK:  # a warm-up thread may be loading the same model right now
+            self.tokenizer, self.model = _load(
+                self.config.model, _num_layers(self.config.model, self.config.num_layers)
+            )
         self._special = {self.tokenizer.cls_token_id, self.tokenizer.sep_token_id}
 
     def _weights(self, ids: list[int]) -> np.ndarray:

@@ -232,6 +232,7 @@ def run_sweep_job(ctx: JobContext) -> None:
         tally = generation.Tally(total=total, done=done)
         ctx.progress(done, total, f"sweep {sweep.id}: {len(members)} configurations")
         backend = generation.backend_for(store, members[0])
+        scoring.warm_up(config.scorer)
         for run in members:
             _generate_and_score(ctx, run, backend, tally, config.scorer)
         ctx.progress(tally.done, total, f"sweep {sweep.id}: {len(members)} configurations scored")
