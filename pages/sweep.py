@@ -112,13 +112,15 @@ def results() -> None:
     for p, values in filters.items():
         table = table[table[p].isin(values)]
     labels = {
-        int(r["run"]): " ".join(f"{p}={r[p]}" for p in varied) or f"run {int(r['run'])}" for _, r in table.iterrows()
+        int(r["run"]): ("★ " if r["best"] else "") + (" ".join(f"{p}={r[p]}" for p in varied) or f"run {int(r['run'])}")
+        for _, r in table.iterrows()
     }
     stamp = scoring.scorer_stamp(chosen.config.scorer)
     scores = {labels[run]: scoring.run_scores(store, run, stamp)["f1"].tolist() for run in labels}
     st.plotly_chart(figures.score_histograms(scores, "BERTScore F1"), width="stretch")
     for p in varied:
-        st.plotly_chart(figures.mean_with_ci(table, p), width="stretch")
+        others = [o for o in varied if o != p]
+        st.plotly_chart(figures.mean_with_ci(table, p, others), width="stretch")
     shown = table[["best", "run", *varied, "n", "mean_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l"]]
     st.caption("Select a configuration to read its answers next to the references.")
     picked = st.dataframe(

@@ -6,7 +6,14 @@ from streamlit.testing.v1 import AppTest
 from core import dataset, jobs, runs
 from core.store import Store
 
-PAGES = ["../pages/overview.py", "../pages/dataset.py", "../pages/jobs.py", "../pages/settings.py"]
+PAGES = [
+    "../pages/overview.py",
+    "../pages/dataset.py",
+    "../pages/jobs.py",
+    "../pages/settings.py",
+    "../pages/playground.py",
+    "../pages/sweep.py",
+]
 
 
 @pytest.fixture

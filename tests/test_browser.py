@@ -14,7 +14,14 @@ from tests.conftest import wait_for_streamlit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-PAGES = {"overview": "", "dataset": "dataset", "jobs": "jobs", "settings": "settings"}
+PAGES = {
+    "overview": "",
+    "dataset": "dataset",
+    "playground": "playground",
+    "sweep": "sweep",
+    "jobs": "jobs",
+    "settings": "settings",
+}
 
 
 @pytest.fixture
@@ -39,7 +46,8 @@ def test_each_page_works_in_a_real_browser(app_server, page, shots_dir, name):
     heading = page.locator("h1").first.inner_text()
     assert heading.lower().startswith(name if name != "overview" else "qa tuning")
     nav = page.locator("[data-testid='stSidebarNav']").inner_text()
-    assert all(label in nav for label in ("Overview", "Dataset", "Jobs", "Settings"))
+    assert all(label in nav for label in ("Overview", "Dataset", "Playground", "Sweep", "Jobs", "Settings"))
+
     page.screenshot(path=str(shots_dir / f"{name}.png"), full_page=False)
 
 

@@ -67,27 +67,37 @@ def score_histograms(
         if len(values):
             fig.add_vline(x=float(values.mean()), line_dash="dash", line_color="#495057", row=row, col=col)
     fig.update_xaxes(range=list(value_range), title_text=metric, row=rows)
+    fig.update_yaxes(rangemode="tozero")
     fig.update_yaxes(title_text="answers", col=1)
     return _layout(fig, 260 * rows + 40)
 
 
-def mean_with_ci(table, parameter: str, metric: str = "mean F1") -> go.Figure:
-    """Mean score with its 95% confidence interval against one decoding parameter's values."""
-    ordered = table.sort_values(parameter)
-    fig = go.Figure(
-        go.Scatter(
-            x=ordered[parameter],
-            y=ordered["mean_f1"],
-            mode="markers+lines",
-            marker={"size": 9, "color": PALETTE[0]},
-            error_y={
-                "type": "data",
-                "symmetric": False,
-                "array": ordered["ci_high"] - ordered["mean_f1"],
-                "arrayminus": ordered["mean_f1"] - ordered["ci_low"],
-            },
-            hovertemplate=f"{parameter} %{{x}}<br>{metric} %{{y:.4f}}<extra></extra>",
+def mean_with_ci(table, parameter: str, others: Sequence[str] = (), metric: str = "mean F1") -> go.Figure:
+    """Mean score with its 95% confidence interval against one parameter; one line per setting of the others."""
+    fig = go.Figure()
+    groups = table.groupby(list(others), dropna=False) if others else [((), table)]
+    for i, (key, group) in enumerate(groups):
+        key = key if isinstance(key, tuple) else (key,)
+        name = " ".join(f"{o}={v}" for o, v in zip(others, key)) or metric
+        ordered = group.sort_values(parameter)
+        fig.add_trace(
+            go.Scatter(
+                x=ordered[parameter],
+                y=ordered["mean_f1"],
+                mode="markers+lines",
+                name=name,
+                marker={"size": 9, "color": PALETTE[i % len(PALETTE)]},
+                line={"color": PALETTE[i % len(PALETTE)]},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": ordered["ci_high"] - ordered["mean_f1"],
+                    "arrayminus": ordered["mean_f1"] - ordered["ci_low"],
+                },
+                hovertemplate=f"{parameter} %{{x}}<br>{metric} %{{y:.4f}}<extra>{name}</extra>",
+            )
         )
+    fig.update_layout(
+        title=f"{metric} by {parameter} (95% CI)", xaxis_title=parameter, yaxis_title=metric, showlegend=bool(others)
     )
-    fig.update_layout(title=f"{metric} by {parameter} (95% CI)", xaxis_title=parameter, yaxis_title=metric)
-    return _layout(fig, 320)
+    return _layout(fig, 340)

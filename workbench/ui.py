@@ -110,35 +110,44 @@ STATE_ICONS = {
 }
 
 
+def _figure_text(figures: dict) -> str:
+    names = {"tokens_per_s": "tokens/s", "items_per_s": "items/s"}
+    return " · ".join(
+        f"{v:,.1f} {names.get(k, k.replace('_', ' '))}"
+        for k, v in figures.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
+
+
 def job_panel(job_id: int, log_lines: int = 12) -> None:
     """Progress, figures, Cancel/Resume and the log tail of one job; refreshes itself while it runs."""
 
     @st.fragment(run_every=1.0)
     def panel() -> None:
         job = jobs.get(store(), job_id)
-        st.markdown(f"{STATE_ICONS.get(job.state, '')} **Job {job.id}** · {job.kind} · `{job.state}`")
-        label = f"{job.done}/{job.total}" if job.total else f"{job.done}"
-        left = _fmt_seconds(job.seconds_left)
-        st.progress(job.fraction, text=f"{label}{' · ' + left + ' left' if left else ''}")
-        st.text(job.message)
-        figures = {k: v for k, v in job.figures.items() if isinstance(v, (int, float))}
-        if figures:
-            cols = st.columns(min(len(figures), 4))
-            for col, (name, value) in zip(cols, list(figures.items())[:4]):
-                col.metric(name.replace("_", " "), f"{value:,.1f}")
-        c1, c2, _ = st.columns([1, 1, 4])
-        if job.state in jobs.ACTIVE and c1.button("Cancel", key=f"cancel-{job.id}", icon=":material/stop:"):
-            attempt(lambda: jobs.request_cancel(store(), job.id), "cancel requested")
-        if job.resumable and c2.button("Resume", key=f"resume-{job.id}", icon=":material/play_arrow:"):
-            attempt(lambda: jobs.resume(store(), job.id), f"job {job.id} resumed")
-        tail = jobs.log_tail(store(), job.id, log_lines)
-        if tail:
-            st.code("\n".join(tail), language=None)
-        if job.state not in jobs.ACTIVE:
-            st.caption(
-                f"finished {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(job.finished_at or 0))}"
-                f" after {_fmt_seconds(job.seconds_running)}"
-            )
+        active = job.state in jobs.ACTIVE
+        with st.container(border=True):
+            head, cancel, resume = st.columns([6, 1, 1])
+            when = ""
+            if not active and job.finished_at:
+                when = (
+                    f" · finished {time.strftime('%m-%d %H:%M', time.localtime(job.finished_at))}"
+                    f" after {_fmt_seconds(job.seconds_running)}"
+                )
+            head.markdown(f"{STATE_ICONS.get(job.state, '')} **Job {job.id}** · {job.kind} · `{job.state}`{when}")
+            if active and cancel.button("Cancel", key=f"cancel-{job.id}", icon=":material/stop:"):
+                attempt(lambda: jobs.request_cancel(store(), job.id), "cancel requested")
+            if job.resumable and resume.button("Resume", key=f"resume-{job.id}", icon=":material/play_arrow:"):
+                attempt(lambda: jobs.resume(store(), job.id), f"job {job.id} resumed")
+            label = f"{job.done}/{job.total}" if job.total else f"{job.done}"
+            left = _fmt_seconds(job.seconds_left)
+            st.progress(job.fraction, text=f"{label}{' · ' + left + ' left' if left else ''} · {job.message}")
+            if figures := _figure_text(job.figures):
+                st.caption(figures)
+            tail = jobs.log_tail(store(), job.id, log_lines)
+            if tail:
+                with st.expander("Log", expanded=active or job.state in ("failed", "interrupted")):
+                    st.code("\n".join(tail), language=None)
 
     panel()
 
