@@ -1,5 +1,7 @@
 """Overview: where the workspace stands — datasets, runs, jobs — and the loop the workbench serves."""
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -53,15 +55,19 @@ else:
                     "id": s.run.id,
                     "kind": s.run.kind,
                     "backend": s.run.backend,
-                    "model": s.run.model,
-                    "params": runs.describe_params(s.run.params),
+                    "model": Path(s.run.model).name or s.run.model,
                     "answers": s.n_answers,
                     "mean F1": s.mean_f1,
                     "median F1": s.median_f1,
+                    "params": runs.describe_params(s.run.params),
                 }
                 for s in reversed(summaries)
             ]
         ),
+        column_config={
+            "mean F1": st.column_config.NumberColumn(format="%.4f"),
+            "median F1": st.column_config.NumberColumn(format="%.4f"),
+        },
         hide_index=True,
         width="stretch",
     )
