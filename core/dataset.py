@@ -437,6 +437,21 @@ def list_splits(store: Store, dataset: str) -> list[dict]:
     ]
 
 
+def overview(store: Store) -> list[dict]:
+    """One row per dataset: its pair counts per status and its latest split."""
+    rows = []
+    for name in list_datasets(store):
+        split = latest_split(store, name)
+        rows.append(
+            {
+                "dataset": name,
+                **status_counts(store, name),
+                "split": f"v{split.version}: {split.train} train / {split.test} test" if split else "none",
+            }
+        )
+    return rows
+
+
 def latest_split(store: Store, dataset: str) -> SplitInfo | None:
     row = store.one(
         "SELECT id FROM splits WHERE dataset_id = ? ORDER BY version DESC LIMIT 1", (dataset_id(store, dataset),)

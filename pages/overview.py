@@ -19,17 +19,7 @@ store = ui.store()
 left, right = st.columns(2)
 with left:
     st.subheader("Datasets")
-    rows = []
-    for name in dataset.list_datasets(store):
-        split = dataset.latest_split(store, name)
-        rows.append(
-            {
-                "dataset": name,
-                **dataset.status_counts(store, name),
-                "split": f"v{split.version}: {split.train} train / {split.test} test" if split else "none",
-            }
-        )
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.dataframe(pd.DataFrame(dataset.overview(store)), hide_index=True, width="stretch")
 with right:
     st.subheader("Jobs")
     frame = ui.jobs_frame(limit=8)

@@ -3,14 +3,13 @@
 import json
 import os
 import signal
-import time
 
 import pytest
 
 from core import jobs, runs
 from core.decoding import DecodingParams
 from core.errors import BadInput
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_until
 
 
 def echo_run(store, delay: float, **spec) -> int:
@@ -25,15 +24,6 @@ def echo_run(store, delay: float, **spec) -> int:
             **spec,
         ),
     )
-
-
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_a_job_runs_in_its_own_process_group_and_reports_progress(starter):

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -10,21 +9,12 @@ from core import jobs, scoring, sweep
 from core.decoding import DecodingParams
 from core.errors import BadInput
 from core.sweep import SweepConfig, expand, parse_grid
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_until
 
 
 def config(**overrides) -> SweepConfig:
     values = {"dataset": "starter", "grid": {"temperature": [0.0, 0.7]}, "backend": "echo", "part": "test", "limit": 4}
     return SweepConfig(**{**values, **overrides})
-
-
-def wait_until(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_a_grid_is_parsed_from_the_cli_text():
@@ -154,34 +144,25 @@ def test_an_optuna_search_keeps_its_study_in_the_store_and_runs_each_trial_as_a_
     assert study.best_trial.user_attrs["run_id"] in [r.id for r in sweep.sweep_runs(starter, sweep_id)]
 
 
+SWEEP_ARGS = (
+    "sweep",
+    "--dataset",
+    "starter",
+    "--split",
+    "test",
+    "--limit",
+    "5",
+    "--grid",
+    "temperature=0,0.7 top_p=0.7",
+)
+
+
 @pytest.mark.slow
 def test_cli_sweep_on_the_embedded_model_prints_two_scored_runs(embedded_models):
-    result = run_cli(
-        "sweep",
-        "--dataset",
-        "starter",
-        "--split",
-        "test",
-        "--limit",
-        "5",
-        "--grid",
-        "temperature=0,0.7 top_p=0.7",
-        timeout=600,
-    )
+    result = run_cli(*SWEEP_ARGS, timeout=600)
     assert result.returncode == 2 and "split" in result.stderr  # the starter has no split yet
     assert run_cli("split", "--dataset", "starter").returncode == 0
-    result = run_cli(
-        "sweep",
-        "--dataset",
-        "starter",
-        "--split",
-        "test",
-        "--limit",
-        "5",
-        "--grid",
-        "temperature=0,0.7 top_p=0.7",
-        timeout=600,
-    )
+    result = run_cli(*SWEEP_ARGS, timeout=600)
     assert result.returncode == 0, result.stderr
     print(result.stdout)
     assert "mean_f1" in result.stdout and "95% CI" in result.stdout and "median_f1" in result.stdout

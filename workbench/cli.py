@@ -62,16 +62,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     with open_workspace() as store:
-        rows = []
-        for name in dataset.list_datasets(store):
-            split = dataset.latest_split(store, name)
-            rows.append(
-                {
-                    "name": name,
-                    **dataset.status_counts(store, name),
-                    "split": f"v{split.version} {split.train}/{split.test}" if split else "",
-                }
-            )
+        rows = dataset.overview(store)
     _print_rows(rows, args.json)
     return 0
 
