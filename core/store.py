@@ -202,7 +202,23 @@ MIGRATIONS: list[str] = [
     CREATE INDEX generations_by_run ON generations (run_id);
     CREATE INDEX scores_by_generation ON scores (generation_id);
     """,
+    # 4: blind human ratings of two runs' answers to the same question
+    """
+    CREATE TABLE ratings (
+        id INTEGER PRIMARY KEY,
+        rater TEXT NOT NULL,
+        pair_id INTEGER NOT NULL REFERENCES pairs(id) ON DELETE CASCADE,
+        run_a INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        run_b INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        left_run INTEGER NOT NULL,
+        verdict TEXT NOT NULL CHECK (verdict IN ('a', 'b', 'tie')),
+        created_at REAL NOT NULL,
+        CHECK (run_a < run_b),
+        UNIQUE (rater, pair_id, run_a, run_b)
+    );
+    """,
 ]
+
 
 
 def now() -> float:
