@@ -220,7 +220,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-
 def now() -> float:
     return time.time()
 

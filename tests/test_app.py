@@ -13,6 +13,7 @@ PAGES = [
     "../pages/settings.py",
     "../pages/playground.py",
     "../pages/sweep.py",
+    "../pages/compare.py",
 ]
 
 

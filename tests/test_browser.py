@@ -6,6 +6,7 @@ temporary folder.
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ PAGES = {
     "dataset": "dataset",
     "playground": "playground",
     "sweep": "sweep",
+    "compare": "compare",
     "jobs": "jobs",
     "settings": "settings",
 }
@@ -46,7 +48,7 @@ def test_each_page_works_in_a_real_browser(app_server, page, shots_dir, name):
     heading = page.locator("h1").first.inner_text()
     assert heading.lower().startswith(name if name != "overview" else "qa tuning")
     nav = page.locator("[data-testid='stSidebarNav']").inner_text()
-    assert all(label in nav for label in ("Overview", "Dataset", "Playground", "Sweep", "Jobs", "Settings"))
+    assert all(label in nav for label in ("Overview", "Dataset", "Playground", "Sweep", "Compare", "Jobs", "Settings"))
 
     page.screenshot(path=str(shots_dir / f"{name}.png"), full_page=False)
 
@@ -209,3 +211,65 @@ def test_a_small_sweep_started_in_the_browser_shows_its_histogram(app_server, pa
     page.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
     page.get_by_text("mean F1 by temperature").first.wait_for(timeout=60_000)
     assert not page.query_selector("[data-testid='stException']")
+
+
+def test_compare_two_runs_then_rate_three_blind_pairs_that_survive_a_reload(app_server, page):
+    import sqlite3
+
+    from tests.conftest import run_cli
+
+    env = {"WORKBENCH_HOME": str(app_server.home)}
+    run_cli("split", "--dataset", "starter", env=env)  # may exist already from another test
+    result = run_cli(
+        "sweep",
+        "--dataset",
+        "starter",
+        "--split",
+        "all",
+        "--limit",
+        "100",
+        "--backend",
+        "echo",
+        "--grid",
+        "max_tokens=5,20,40",
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+
+    started = time.perf_counter()
+    page.goto(f"{app_server.url}/compare")
+    wait_for_streamlit(page)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    print(f"\ncompare page with two runs of 100 answers rendered in {time.perf_counter() - started:.2f} s")
+    choose_more = page.locator("[data-testid='stMultiSelect']").filter(has_text="Runs").locator("input")
+    choose_more.click()
+    page.get_by_role("option").first.click()
+    page.keyboard.press("Escape")
+    started = time.perf_counter()
+    page.wait_for_timeout(200)
+    wait_for_streamlit(page)
+    print(f"with three runs of 100 answers each: {time.perf_counter() - started:.2f} s (warm server)")
+    assert page.locator(".js-plotly-plot").count() >= 1
+    assert "run" in page.locator(".js-plotly-plot").first.inner_text()
+
+    page.get_by_role("tab", name="Summary").click()
+    page.get_by_text("95% bootstrap interval").wait_for(timeout=30_000)
+
+    page.get_by_role("tab", name="Blind rating").click()
+    page.get_by_role("textbox", name="Your name").fill("ada")
+    page.get_by_role("textbox", name="Your name").press("Enter")
+    wait_for_streamlit(page)
+    for _ in range(3):
+        click_button(page, "Answer 1 is better")
+    page.reload()
+    wait_for_streamlit(page)
+    db = sqlite3.connect(app_server.home / "workbench.sqlite")
+    saved = db.execute("SELECT COUNT(*) FROM ratings WHERE rater = 'ada'").fetchone()[0]
+    db.close()
+    assert saved == 3
+    page.get_by_role("tab", name="Blind rating").click()
+    page.get_by_role("textbox", name="Your name").fill("ada")
+    page.get_by_role("textbox", name="Your name").press("Enter")
+    wait_for_streamlit(page)
+    page.get_by_text("97 left to rate").wait_for(timeout=30_000)

@@ -23,6 +23,7 @@ navigation = st.navigation(
             st.Page(PAGES_DIR / "dataset.py", title="Dataset", icon=":material/table_view:"),
             st.Page(PAGES_DIR / "playground.py", title="Playground", icon=":material/tune:"),
             st.Page(PAGES_DIR / "sweep.py", title="Sweep", icon=":material/grid_view:"),
+            st.Page(PAGES_DIR / "compare.py", title="Compare", icon=":material/compare_arrows:"),
         ],
         "System": [
             st.Page(PAGES_DIR / "jobs.py", title="Jobs", icon=":material/pending_actions:"),

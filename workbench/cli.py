@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from core import dataset, formats, jobs, models, qa_generation, runs
+from core import compare, dataset, formats, jobs, models, qa_generation, runs
 from core.backends import USER_BACKENDS
 from core.decoding import DecodingParams, field_help
 from core.errors import BadInput, WorkbenchError
@@ -85,6 +85,24 @@ def cmd_runs(args: argparse.Namespace) -> int:
         for s in summaries
     ]
     _print_rows(rows, args.json)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from workbench import report  # plotly loads only for this command
+
+    if len(set(args.run_ids)) < 2:
+        raise BadInput("compare needs at least two different run ids")
+    if not args.output.parent.is_dir():
+        raise BadInput(f"folder {str(args.output.parent)!r} does not exist")
+    if args.csv is not None and args.csv.exists() and not args.csv.is_dir():
+        raise BadInput(f"--csv must be a folder; {str(args.csv)!r} is a file")
+    with open_workspace() as store:
+        path = report.write_report(store, args.run_ids, args.output, args.metric, args.baseline)
+        csvs = report.export_tables_csv(store, args.run_ids, args.csv, args.metric, args.baseline) if args.csv else []
+        summary = compare.summary_table(store, args.run_ids, metric=args.metric, baseline_run=args.baseline)
+    print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in csvs))
+    _print_rows(summary.round(4).to_dict("records"), False)
     return 0
 
 
@@ -337,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("runs", cmd_runs, "List runs: id, kind, backend, model, adapter, params, n, mean/median F1.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("compare", cmd_compare, "Compare scored runs in one self-contained HTML report (opens offline).")
+    p.add_argument("run_ids", type=int, nargs="+", metavar="RUN_ID", help="two or more runs (see `runs`)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="HTML file to write")
+    p.add_argument("--metric", choices=list(compare.METRICS), default="f1", help="score to compare (default: f1)")
+    p.add_argument("--baseline", type=int, metavar="RUN_ID", help="run the others are tested against")
+    p.add_argument("--csv", type=Path, metavar="FOLDER", help="also write summary.csv and per_question.csv here")
 
     p = command("jobs", cmd_jobs, "List background jobs with their state and progress.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

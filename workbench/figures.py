@@ -101,3 +101,66 @@ def mean_with_ci(table, parameter: str, others: Sequence[str] = (), metric: str 
         title=f"{metric} by {parameter} (95% CI)", xaxis_title=parameter, yaxis_title=metric, showlegend=bool(others)
     )
     return _layout(fig, 340)
+
+
+def overlaid_histograms(
+    scores: Mapping[str, Sequence[float]],
+    metric: str = "F1",
+    bins: int = 20,
+    value_range: tuple[float, float] = F1_RANGE,
+    mode: str = "histogram",
+) -> go.Figure:
+    """All runs on one axis: semi-transparent histograms with the same bins ("histogram", counts;
+    "density", areas of 1 so runs of different sizes compare), or empirical CDFs ("ecdf")."""
+    if mode not in ("histogram", "density", "ecdf"):
+        raise ValueError(f"mode must be histogram, density or ecdf, got {mode!r}")
+    fig = go.Figure()
+    size = (value_range[1] - value_range[0]) / bins
+    for i, (name, run_scores) in enumerate(scores.items()):
+        values = np.sort(np.asarray([v for v in run_scores if v == v], dtype=float))
+        color = PALETTE[i % len(PALETTE)]
+        if mode == "ecdf":
+            fig.add_trace(
+                go.Scatter(
+                    x=values,
+                    y=np.arange(1, len(values) + 1) / max(len(values), 1),
+                    mode="lines",
+                    line={"color": color, "shape": "hv"},
+                    name=name,
+                    hovertemplate=f"{metric} ≤ %{{x:.4f}}<br>share %{{y:.2f}}<extra>{name}</extra>",
+                )
+            )
+            continue
+        fig.add_trace(
+            go.Histogram(
+                x=values,
+                xbins={"start": value_range[0], "end": value_range[1], "size": size},
+                histnorm="probability density" if mode == "density" else "",
+                marker_color=color,
+                opacity=0.55,
+                name=name,
+                hovertemplate=f"{metric} %{{x}}<br>%{{y}}<extra>{name}</extra>",
+            )
+        )
+    y_title = {"histogram": "answers", "density": "density", "ecdf": "share of answers ≤ x"}[mode]
+    fig.update_layout(barmode="overlay", xaxis_title=metric, yaxis_title=y_title, legend_title_text="run")
+    fig.update_xaxes(range=list(value_range))
+    fig.update_yaxes(rangemode="tozero")
+    return _layout(fig, 360)
+
+
+def score_boxes(scores: Mapping[str, Sequence[float]], metric: str = "F1", kind: str = "box") -> go.Figure:
+    """One box (quartiles, whiskers, outliers) or violin (with its box) per run, side by side."""
+    if kind not in ("box", "violin"):
+        raise ValueError(f"kind must be box or violin, got {kind!r}")
+    fig = go.Figure()
+    for i, (name, run_scores) in enumerate(scores.items()):
+        values = [v for v in run_scores if v == v]
+        color = PALETTE[i % len(PALETTE)]
+        if kind == "violin":
+            trace = go.Violin(y=values, name=name, line_color=color, box_visible=True, meanline_visible=True)
+        else:
+            trace = go.Box(y=values, name=name, marker_color=color, boxmean=True)
+        fig.add_trace(trace)
+    fig.update_layout(yaxis_title=metric, showlegend=False)
+    return _layout(fig, 360)

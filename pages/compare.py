@@ -1,0 +1,208 @@
+"""Compare: BERTScore distributions of chosen runs side by side, honest statistics, drill-down,
+blind human rating and a shareable report.
+"""
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core import compare, ratings, runs
+from core.errors import WorkbenchError
+from workbench import figures, ui
+
+st.title("Compare")
+store = ui.store()
+summaries = runs.list_runs(store)
+if not summaries:
+    st.info("No runs yet: sweep decoding parameters on the Sweep page (or fine-tune) to get runs to compare.")
+    st.stop()
+by_id = {s.run.id: s for s in summaries}
+
+
+def label(run_id: int) -> str:
+    s = by_id[run_id]
+    r = s.run
+    f1 = f" · F1 {s.mean_f1:.3f}" if s.mean_f1 is not None else ""
+    adapter = f" · adapter {Path(r.adapter).name}" if r.adapter else ""
+    return f"run {r.id} · {r.kind} · {r.backend}{adapter} · {runs.describe_params(r.params)}{f1}"
+
+
+with st.container(border=True):
+    f1c, f2c, f3c = st.columns(3)
+    datasets = sorted({s.run.dataset for s in summaries})
+    ds_filter = f1c.multiselect("Dataset", datasets, placeholder="all datasets")
+    backends = sorted({s.run.backend for s in summaries})
+    be_filter = f2c.multiselect("Backend", backends, placeholder="all backends")
+    kinds = sorted({s.run.kind for s in summaries})
+    kind_filter = f3c.multiselect("Kind", kinds, placeholder="all kinds")
+    candidates = [
+        s.run.id
+        for s in reversed(summaries)
+        if (not ds_filter or s.run.dataset in ds_filter)
+        and (not be_filter or s.run.backend in be_filter)
+        and (not kind_filter or s.run.kind in kind_filter)
+        and s.n_scored
+    ]
+    if st.button(
+        "Baseline vs best decoding vs fine-tuned",
+        icon=":material/auto_awesome:",
+        help="The most recent default-parameter run, the best decoding run and the latest fine-tuned run",
+    ):
+        preset = [i for i in compare.preset_runs(store).values() if i is not None]
+        st.session_state["compare_runs"] = [i for i in dict.fromkeys(preset) if i in candidates]
+    chosen = st.multiselect(
+        "Runs",
+        candidates,
+        format_func=label,
+        key="compare_runs",
+        default=None if "compare_runs" in st.session_state else candidates[:2],
+    )
+
+if len(chosen) < 1:
+    st.info("Pick at least one scored run.")
+    st.stop()
+
+metric = st.segmented_control("Metric", list(compare.METRICS), format_func=compare.METRICS.get, default="f1") or "f1"
+comparable = True
+if len(chosen) > 1:
+    try:
+        compare.check_comparable(store, chosen)
+    except WorkbenchError as exc:
+        comparable = False
+        st.warning(f"These runs are not comparable: {exc}", icon=":material/block:")
+
+per_question = compare.per_question(store, chosen, metric)
+names = {i: f"run {i}" for i in chosen}
+
+scores = {names[i]: per_question[i].dropna().tolist() for i in chosen}
+
+tabs = st.tabs(["Distributions", "Summary", "What differs", "Answers", "Blind rating", "Report"])
+with tabs[0]:
+    view = st.segmented_control("View", ["side by side", "overlaid", "box", "violin"], default="side by side")
+    if view == "overlaid":
+        mode = st.radio("As", ["histogram", "density", "ecdf"], horizontal=True)
+        st.plotly_chart(figures.overlaid_histograms(scores, compare.METRICS[metric], mode=mode), width="stretch")
+    elif view in ("box", "violin"):
+        st.plotly_chart(figures.score_boxes(scores, compare.METRICS[metric], kind=view), width="stretch")
+    else:
+        st.plotly_chart(figures.score_histograms(scores, compare.METRICS[metric]), width="stretch")
+
+with tabs[1]:
+    if comparable:
+        c1, c2 = st.columns(2)
+        baseline = c1.selectbox("Baseline run", chosen, format_func=lambda i: names[i])
+        threshold = c2.slider("Share of answers at or above", 0.0, 1.0, 0.5, 0.05)
+        table = compare.summary_table(store, chosen, metric, baseline_run=baseline, threshold=threshold)
+        st.dataframe(table, hide_index=True, width="stretch")
+        st.caption(
+            "CI: 95% bootstrap interval of the mean. Differences are paired, on the questions both runs "
+            "answered (baseline subtracted); p from a Wilcoxon signed-rank test; effect size d_z."
+        )
+    else:
+        st.caption("No statistics across runs that are not comparable.")
+
+with tabs[2]:
+    diff = compare.config_diff(store, chosen)
+    if diff.shape[1] <= 1:
+        st.caption("The chosen runs have the same settings.")
+    st.dataframe(diff, hide_index=True, width="stretch")
+
+with tabs[3]:
+    frame = per_question.copy()
+    frame["spread"] = frame[chosen].max(axis=1) - frame[chosen].min(axis=1)
+    frame = frame.sort_values("spread", ascending=False).reset_index(drop=True)
+    shown = frame[["question", *chosen, "spread"]].rename(columns=names)
+    picked = st.dataframe(
+        shown,
+        hide_index=True,
+        width="stretch",
+        on_select="rerun",
+        selection_mode="single-row",
+        key="compare-questions",
+        column_config={n: st.column_config.NumberColumn(format="%.3f") for n in [*names.values(), "spread"]},
+    )
+    rows = picked.selection.rows if picked else []
+    if rows:
+        row = frame.iloc[rows[0]]
+        st.markdown("**Question**")
+        st.text(row["question"])
+        cols = st.columns(len(chosen) + 1)
+        with cols[0]:
+            st.markdown("**Reference**")
+            st.text(row["reference"])
+        for col, run_id in zip(cols[1:], chosen):
+            with col:
+                st.markdown(f"**{names[run_id]}** · {compare.METRICS[metric]} {row[run_id]:.3f}")
+                st.text(row.get(f"answer_{run_id}", ""))
+
+with tabs[4]:
+    st.markdown("Two answers to the same question, in random order and unlabelled: which is better?")
+    r1, r2, r3 = st.columns(3)
+    rater = r1.text_input("Your name", key="rater")
+    run_x = r2.selectbox("Run", chosen, format_func=lambda i: names[i], key="rate-x")
+    run_y = r3.selectbox(
+        "against", [i for i in chosen if i != run_x] or chosen, format_func=lambda i: names[i], key="rate-y"
+    )
+    if not rater.strip():
+        st.caption("Enter your name to start; you can stop at any time and continue later.")
+    elif run_x == run_y:
+        st.caption("Pick two different runs.")
+    else:
+        item = ratings.next_item(store, rater.strip(), run_x, run_y)
+        if item is None:
+            st.success("You have rated every question these two runs share.", icon=":material/task_alt:")
+        else:
+            st.caption(f"{item.remaining} left to rate")
+            st.markdown("**Question**")
+            st.text(item.question)
+            left, right = st.columns(2)
+            with left, st.container(border=True):
+                st.markdown("**Answer 1**")
+                st.text(item.left_answer)
+            with right, st.container(border=True):
+                st.markdown("**Answer 2**")
+                st.text(item.right_answer)
+            b1, b2, b3, _ = st.columns([1, 1, 1, 2])
+            for col, text, choice, key in (
+                (b1, "Answer 1 is better", "left", "1"),
+                (b2, "Tie", "tie", "t"),
+                (b3, "Answer 2 is better", "right", "2"),
+            ):
+                if col.button(text, key=f"rate-{choice}", shortcut=key):
+                    ui.attempt(lambda choice=choice: ratings.record(store, rater.strip(), item, choice))
+                    st.rerun()
+        result = ratings.win_rates(store, run_x, run_y)
+        if result.n:
+            st.dataframe(pd.DataFrame([result.__dict__]), hide_index=True, width="stretch")
+            agreement = ratings.agreement(store, run_x, run_y)
+            if agreement:
+                st.caption(f"Agreement between raters: {agreement}")
+
+with tabs[5]:
+    if comparable and len(chosen) > 1:
+        from workbench import report
+
+        if st.button("Build the report", icon=":material/description:"):
+            html = ui.attempt(lambda: report.build_report(store, chosen, metric))
+            if html:
+                st.download_button(
+                    "Download report.html",
+                    html.encode(),
+                    file_name="compare-report.html",
+                    mime="text/html",
+                    icon=":material/download:",
+                )
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = ui.attempt(lambda: report.export_tables_csv(store, chosen, tmp))
+                for path in paths or []:
+                    st.download_button(
+                        f"Download {Path(path).name}",
+                        Path(path).read_bytes(),
+                        file_name=Path(path).name,
+                        mime="text/csv",
+                        key=f"csv-{Path(path).name}",
+                    )
+    else:
+        st.caption("A report compares two or more comparable runs.")

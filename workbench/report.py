@@ -1,0 +1,90 @@
+"""The comparison report: fetches runs' scores through core.compare, draws them with workbench.figures,
+and hands both to core.reports to render. The CLI's `compare` and the Compare page share it.
+
+Nothing is written until every table and figure is built, so bad input leaves no half a report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from core import compare, reports, runs
+from core.store import Store
+from workbench import figures
+
+
+def run_names(store: Store, run_ids: Sequence[int]) -> dict[int, str]:
+    """How the report names each run: "run 7", or "run 7 (label)" when it has a label."""
+    out = {}
+    for run_id in run_ids:
+        label = runs.get_run(store, run_id).label
+        out[run_id] = f"run {run_id} ({label})" if label else f"run {run_id}"
+    return out
+
+
+def differing_answers(per_question: pd.DataFrame, names: dict[int, str], metric_label: str, top: int) -> pd.DataFrame:
+    """The `top` questions whose scores spread most across runs (max - min), with each run's score and answer."""
+    scores = per_question[list(names)]
+    picked = per_question.assign(_spread=scores.max(axis=1) - scores.min(axis=1)).nlargest(top, "_spread")
+    out = picked[["question", "reference"]].assign(**{f"{metric_label} spread": picked["_spread"]})
+    for run_id, name in names.items():
+        out[f"{name} {metric_label}"] = picked[run_id]
+        out[f"{name} answer"] = picked[f"answer_{run_id}"]
+    return out
+
+
+def build_report(
+    store: Store, run_ids: Sequence[int], metric: str = "f1", baseline_run: int | None = None, top: int = 10
+) -> str:
+    """The HTML report comparing `run_ids` on `metric` (refuses incomparable runs with BadInput)."""
+    summary = compare.summary_table(store, run_ids, metric=metric, baseline_run=baseline_run)  # checks first
+    label = compare.METRICS[metric]
+    names = run_names(store, run_ids)
+    configs = compare.config_diff(store, run_ids)
+    per_question = compare.per_question(store, run_ids, metric=metric)
+    scores = {name: per_question[run_id].tolist() for run_id, name in names.items()}  # per-question means
+    side_by_side = figures.score_histograms(scores, label)
+    side_by_side.update_layout(title=f"{label} per run", margin={"t": 90})
+    overlaid = figures.overlaid_histograms(scores, label)
+    overlaid.update_layout(title=f"{label} of all runs, overlaid")
+    return reports.render_report(
+        f"Comparison of {', '.join(names.values())}: {label}",
+        [side_by_side, overlaid],
+        {"Summary": summary, "Run configurations": configs},
+        differing_answers(per_question, names, label, top),
+    )
+
+
+def write_report(
+    store: Store,
+    run_ids: Sequence[int],
+    path: str | Path,
+    metric: str = "f1",
+    baseline_run: int | None = None,
+    top: int = 10,
+) -> Path:
+    """Build the report, then write it to `path` (nothing is written when building fails)."""
+    html = build_report(store, run_ids, metric=metric, baseline_run=baseline_run, top=top)
+    path = Path(path)
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+def export_tables_csv(
+    store: Store, run_ids: Sequence[int], folder: str | Path, metric: str = "f1", baseline_run: int | None = None
+) -> list[Path]:
+    """summary.csv and per_question.csv of the comparison in `folder` (created if missing)."""
+    frames = {
+        "summary.csv": compare.summary_table(store, run_ids, metric=metric, baseline_run=baseline_run),
+        "per_question.csv": compare.per_question(store, run_ids, metric=metric),
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, frame in frames.items():
+        frame.to_csv(folder / name, index=False)
+        paths.append(folder / name)
+    return paths
