@@ -37,6 +37,13 @@ with st.container(border=True):
     be_filter = f2c.multiselect("Backend", backends, placeholder="all backends")
     kinds = sorted({s.run.kind for s in summaries})
     kind_filter = f3c.multiselect("Kind", kinds, placeholder="all kinds")
+    text = st.text_input("Filter by model, adapter, split or parameters", placeholder="e.g. temperature=0.7")
+
+    def matches(s: runs.RunSummary) -> bool:
+        r = s.run
+        haystack = f"{label(r.id)} {r.model} {r.adapter} {r.part} split v{r.split_version}".lower()
+        return all(word in haystack for word in text.lower().split())
+
     candidates = [
         s.run.id
         for s in reversed(summaries)
@@ -44,7 +51,9 @@ with st.container(border=True):
         and (not be_filter or s.run.backend in be_filter)
         and (not kind_filter or s.run.kind in kind_filter)
         and s.n_scored
+        and matches(s)
     ]
+
     if st.button(
         "Baseline vs best decoding vs fine-tuned",
         icon=":material/auto_awesome:",
