@@ -61,13 +61,13 @@ with st.container(border=True):
     ):
         preset = [i for i in compare.preset_runs(store).values() if i is not None]
         st.session_state["compare_runs"] = [i for i in dict.fromkeys(preset) if i in candidates]
-    chosen = st.multiselect(
-        "Runs",
-        candidates,
-        format_func=label,
-        key="compare_runs",
-        default=None if "compare_runs" in st.session_state else candidates[:2],
-    )
+    if "compare_runs" not in st.session_state:  # first visit: the runs in the URL, else the two newest
+        from_url = [int(i) for i in st.query_params.get("runs", "").split(",") if i.isdigit()]
+        st.session_state["compare_runs"] = [i for i in from_url if i in candidates] or candidates[:2]
+    st.session_state["compare_runs"] = [i for i in st.session_state["compare_runs"] if i in candidates]
+    chosen = st.multiselect("Runs", candidates, format_func=label, key="compare_runs")
+    st.query_params["runs"] = ",".join(map(str, chosen))  # a reload or a shared link shows the same runs
+
 
 if len(chosen) < 1:
     st.info("Pick at least one scored run.")
