@@ -226,14 +226,16 @@ class Change:
     pair_ids: list[int]
 
 
-def _check_changes(changes: dict[str, str]) -> None:
+def _check_changes(changes: dict[str, str | None]) -> dict[str, str]:
+    """The changes as stored: a cleared field becomes "", a cleared question or answer is refused."""
     if unknown := set(changes) - set(EDITABLE):
         raise BadInput(f"cannot change {', '.join(sorted(unknown))} of a pair")
     if "status" in changes and changes["status"] not in STATUSES:
         raise BadInput(f"status must be one of {', '.join(STATUSES)}")
     for col in ("question", "answer"):
-        if col in changes and not str(changes[col]).strip():
+        if col in changes and (changes[col] is None or not str(changes[col]).strip()):
             raise BadInput(f"the {col} cannot be empty")
+    return {k: "" if v is None else str(v) for k, v in changes.items()}
 
 
 def update_pairs(
@@ -249,8 +251,8 @@ def update_pairs(
     based on a stale copy (another tab changed the pair since) is refused and nothing is
     written, instead of silently overwriting the other edit.
     """
-    for changes in edits.values():
-        _check_changes(changes)
+    edits = {pid: _check_changes(changes) for pid, changes in edits.items()}
+
     expected_versions = expected_versions or {}
     stamp = now()
     with store.transaction() as conn:
@@ -484,6 +486,18 @@ def select_pairs(
         args.append(status)
     rows = store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY p.id", tuple(args))
     return [StoredPair(r["id"], r["question"], r["answer"], r["field"]) for r in rows]
+
+
+def pairs_by_id(store: Store, ids: list[int]) -> list[StoredPair]:
+    """The given pairs, in the given order (pairs deleted since are left out)."""
+    found: dict[int, StoredPair] = {}
+    for start in range(0, len(ids), 500):  # SQLite's limit on bound variables
+        chunk = ids[start : start + 500]
+        rows = store.query(
+            f"SELECT id, question, answer, field FROM pairs WHERE id IN ({','.join('?' * len(chunk))})", tuple(chunk)
+        )
+        found.update((r["id"], StoredPair(r["id"], r["question"], r["answer"], r["field"])) for r in rows)
+    return [found[i] for i in ids if i in found]
 
 
 def export_pairs(

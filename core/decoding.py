@@ -65,6 +65,10 @@ class DecodingParams:
         return cls(**cast)
 
 
+# Parameters that take whole numbers (the rest are floats).
+INT_PARAMS = tuple(f.name for f in fields(DecodingParams) if f.type in ("int", "int | None"))
+
+
 def field_help(cls: type, name: str) -> str:
     """The help text of a configuration dataclass field, shared by CLI flags and form widgets."""
     return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)

@@ -102,7 +102,10 @@ def generate_run(
                     repeat_params(run.params, repeat),
                     stop,
                 )
+                if len(answers) != len(batch):
+                    raise BackendError(f"{backend.name} returned {len(answers)} answers for {len(batch)} prompts")
                 seconds = (time.monotonic() - t0) / len(batch)
+
                 with store.transaction() as conn:
                     ids = [
                         conn.execute(

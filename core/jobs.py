@@ -124,8 +124,19 @@ def submit(store: Store, kind: str, params: dict[str, Any], start: bool = True) 
         (kind, json.dumps(params), now()),
     ).lastrowid
     if start:
-        spawn(store, job_id)
+        _start(store, job_id)
     return job_id
+
+
+def _start(store: Store, job_id: int) -> None:
+    try:
+        spawn(store, job_id)
+    except OSError as exc:  # the job stays visible, failed with the reason, and can be resumed
+        store.execute(
+            "UPDATE jobs SET state = 'failed', error = ?, message = ?, finished_at = ? WHERE id = ?",
+            (str(exc), f"could not start the job's process: {exc}", now(), job_id),
+        )
+        raise BadInput(f"could not start job {job_id}: {exc}") from None
 
 
 def spawn(store: Store, job_id: int) -> subprocess.Popen:
@@ -226,6 +237,12 @@ def request_cancel(store: Store, job_id: int) -> JobInfo:
     if job.state not in ACTIVE:
         raise BadInput(f"job {job_id} is {job.state}; only queued or running jobs can be cancelled")
     store.execute("UPDATE jobs SET cancel_requested_at = ? WHERE id = ?", (now(), job_id))
+    # A job whose process never started has nobody to notice the request.
+    store.execute(
+        "UPDATE jobs SET state = 'cancelled', message = 'cancelled before it started', finished_at = ?"
+        " WHERE id = ? AND state = 'queued' AND pid IS NULL",
+        (now(), job_id),
+    )
     return get(store, job_id)
 
 
@@ -239,7 +256,9 @@ def cancel(store: Store, job_id: int, grace: float = CANCEL_GRACE_SECONDS) -> Jo
             return job
         time.sleep(0.2)
     row = store.one("SELECT pid FROM jobs WHERE id = ?", (job_id,))
-    _terminate_group(row["pid"])
+    if row["pid"]:
+        _terminate_group(row["pid"])
+
     time.sleep(0.5)
     return get(store, job_id)
 
@@ -249,12 +268,14 @@ def resume(store: Store, job_id: int) -> JobInfo:
     job = get(store, job_id)
     if not job.resumable:
         raise BadInput(f"job {job_id} is {job.state}; only interrupted, cancelled or failed jobs can be resumed")
-    store.execute(
+    claimed = store.execute(
         "UPDATE jobs SET state = 'queued', cancel_requested_at = NULL, error = '', finished_at = NULL,"
-        " message = 'resuming' WHERE id = ?",
+        " message = 'resuming', pid = NULL WHERE id = ? AND state IN ('interrupted', 'cancelled', 'failed')",
         (job_id,),
-    )
-    spawn(store, job_id)
+    ).rowcount
+    if claimed != 1:  # another tab or the CLI resumed it a moment ago
+        raise BadInput(f"job {job_id} is already being resumed")
+    _start(store, job_id)
     return get(store, job_id)
 
 

@@ -125,7 +125,16 @@ def check_spec(store: Store, spec: RunSpec) -> tuple[str, ds.SplitInfo | None]:
 def create_run(store: Store, spec: RunSpec) -> int:
     """Record a run; its pairs are fixed now (the split version in force) so reruns see the same questions."""
     model, split = check_spec(store, spec)
-    config = {"limit": spec.limit, "repeats": spec.repeats, "backend_options": spec.backend_options}
+    pair_ids = _questions(store, spec.dataset, spec.part, split.id if split else None, spec.limit)
+    if not pair_ids:
+        raise BadInput(f"dataset {spec.dataset!r} has no accepted pairs in part {spec.part!r}")
+    config = {
+        "limit": spec.limit,
+        "repeats": spec.repeats,
+        "backend_options": spec.backend_options,
+        "pair_ids": pair_ids,
+    }
+
     return store.execute(
         "INSERT INTO runs (kind, label, dataset_id, split_id, part, backend, model, model_hash, adapter, params,"
         " prompt_template, config, scorer, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -146,10 +155,6 @@ def create_run(store: Store, spec: RunSpec) -> int:
             now(),
         ),
     ).lastrowid
-
-
-def attach_job(store: Store, run_id: int, job_id: int) -> None:
-    store.execute("UPDATE runs SET job_id = ? WHERE id = ?", (job_id, run_id))
 
 
 _RUN_SQL = (
@@ -188,10 +193,14 @@ def get_run(store: Store, run_id: int) -> Run:
     return _to_run(row)
 
 
+def _questions(store: Store, dataset: str, part: str, split_id: int | None, limit: int | None) -> list[int]:
+    pairs = ds.select_pairs(store, dataset, part, "accepted", split_id=split_id)
+    return [p.id for p in (pairs[:limit] if limit else pairs)]
+
+
 def run_pairs(store: Store, run: Run) -> list[ds.StoredPair]:
-    pairs = ds.select_pairs(store, run.dataset, run.part, "accepted", split_id=run.split_id)
-    limit = run.config.get("limit")
-    return pairs[:limit] if limit else pairs
+    """The questions a run asks: fixed when it was created, whatever is accepted or rejected later."""
+    return ds.pairs_by_id(store, run.config["pair_ids"])
 
 
 def list_runs(store: Store) -> list[RunSummary]:
@@ -199,7 +208,8 @@ def list_runs(store: Store) -> list[RunSummary]:
         r["run_id"]: r
         for r in store.query(
             "SELECT g.run_id, COUNT(DISTINCT g.id) AS n_answers, COUNT(s.id) AS n_scored"
-            " FROM generations g LEFT JOIN scores s ON s.generation_id = g.id GROUP BY g.run_id"
+            " FROM generations g JOIN runs r ON r.id = g.run_id"
+            " LEFT JOIN scores s ON s.generation_id = g.id AND s.scorer = r.scorer GROUP BY g.run_id"
         )
     }
     f1s: dict[int, list[float]] = {}

@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from core import dataset, generation, jobs, runs, scoring
-from core.decoding import DecodingParams
+from core.decoding import INT_PARAMS, DecodingParams
 from core.errors import BackendError, BadInput, NotFound
 from core.jobs import JobContext, JobPaused
 from core.prompting import DEFAULT_TEMPLATE, check_template
 from core.store import Store, now
 
-SWEEPABLE = ("temperature", "top_p", "top_k", "max_tokens", "repeat_penalty", "seed")
+SWEEPABLE = tuple(f.name for f in fields(DecodingParams))
 MODES = ("product", "one-at-a-time", "optuna")
 
 
@@ -107,7 +107,7 @@ def parse_grid(text: str) -> dict[str, list[float]]:
             numbers = [float(v) for v in values.split(",") if v != ""]
         except ValueError:
             raise BadInput(f"grid values for {name} must be numbers, got {values!r}") from None
-        if name in ("top_k", "max_tokens", "seed"):
+        if name in INT_PARAMS:
             if any(n != int(n) for n in numbers):
                 raise BadInput(f"{name} takes whole numbers, got {values!r}")
             numbers = [int(n) for n in numbers]
@@ -244,7 +244,7 @@ def _suggest(trial, name: str, values: list[float]) -> float | int:
     low, high = min(values), max(values)
     if low == high:
         return low
-    if name in ("top_k", "max_tokens", "seed"):
+    if name in INT_PARAMS:
         return trial.suggest_int(name, int(low), int(high))
     return trial.suggest_float(name, low, high)
 
@@ -256,8 +256,9 @@ def optuna_storage(store: Store) -> str:
 def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
     """Optuna search for the best mean F1; the study lives in the store's SQLite file.
 
-    A trial interrupted by a crash is marked failed and its parameters are tried again, on the
-    same run, so its finished answers are kept.
+    A trial interrupted by a crash, a cancel or a vanished server is tried again with the same
+    parameters, on the same run, so its finished answers are kept. A resumed search draws new
+    parameters (its sampler is seeded past the trials already made) instead of repeating them.
     """
     import optuna
 
@@ -268,11 +269,16 @@ def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
         storage=optuna_storage(store),
         direction="maximize",
         load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=config.baseline.seed or 0),
     )
+    study.sampler = optuna.samplers.TPESampler(seed=(config.baseline.seed or 0) + len(study.trials))
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, skip_if_exists=False)
+    unfinished = {r.id for r in sweep_runs(store, sweep.id) if generation.pending_items(store, r)}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        if trial.user_attrs.get("run_id") in unfinished:
+            study.enqueue_trial(trial.params, skip_if_exists=False)
+            unfinished.discard(trial.user_attrs["run_id"])
+
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     pairs = dataset.select_pairs(store, config.dataset, config.part)
     n_items = len(pairs[: config.limit] if config.limit else pairs) * config.repeats

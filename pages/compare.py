@@ -80,7 +80,7 @@ if len(chosen) > 1:
         compare.check_comparable(store, chosen)
     except WorkbenchError as exc:
         comparable = False
-        st.warning(f"These runs are not comparable: {exc}", icon=":material/block:")
+        st.warning(f"These runs are not comparable: {ui.plain(exc)}", icon=":material/block:")
 
 per_question = compare.per_question(store, chosen, metric)
 names = {i: f"run {i}" for i in chosen}

@@ -67,8 +67,11 @@ def show_flags(pair: dict) -> None:
 
 def act(pair: dict, **changes: str) -> None:
     """Save one review action against the version the user saw (an edit made meanwhile is not overwritten)."""
-    seen = st.session_state.get("seen_versions", {}).get(pair["id"], pair["version"])
-    if ui.attempt(lambda: dataset.update_pair(store, pair["id"], expected_version=seen, **changes)):
+    seen = st.session_state.get("seen_pair")
+    if seen is None or seen[0] != pair["id"]:  # the queue moved on (another tab, a generation job)
+        st.warning("The queue changed since you looked: here is the pair now at its head.", icon=":material/sync:")
+        return
+    if ui.attempt(lambda: dataset.update_pair(store, pair["id"], expected_version=seen[1], **changes)):
         st.session_state.pop("editing", None)
         st.rerun()
 
@@ -93,7 +96,7 @@ with review:
         st.success("Nothing pending here: every pair in this view is reviewed.", icon=":material/task_alt:")
     else:
         with st.container(border=True):
-            st.caption(f"Pair {pair['id']} · field: {pair['field'] or '—'} · version {pair['version']}")
+            st.caption(f"Pair {pair['id']} · field: {ui.plain(pair['field'] or '—')} · version {pair['version']}")
             editing = st.session_state.get("editing") == pair["id"]
             if editing:
                 question = st.text_area("Question", pair["question"], key=f"q-{pair['id']}")
@@ -120,14 +123,16 @@ with review:
                     st.session_state["editing"] = pair["id"]
                     st.rerun()
                 if b4.button("Skip", icon=":material/skip_next:", shortcut="s"):
-                    skipped.add(pair["id"])
+                    skipped.add(st.session_state.get("seen_pair", (pair["id"],))[0])
+
                     st.rerun()
                 st.caption("Keys: A accept · X reject · E edit · S skip · Ctrl+Z undo · Ctrl+Enter saves an edit")
             if pair["provenance"].get("job_id"):
                 with st.expander("Provenance"):
                     st.json(pair["provenance"], expanded=False)
         # What is on screen now is what the next click acts on.
-        st.session_state["seen_versions"] = {pair["id"]: pair["version"]}
+        st.session_state["seen_pair"] = (pair["id"], pair["version"])
+
 
 with table:
     f1, f2, f3, f4 = st.columns([1.2, 1.2, 1, 1.6])
@@ -167,7 +172,7 @@ with table:
             st.session_state["table_saves"] = st.session_state.get("table_saves", 0) + 1
 
     if error := st.session_state.pop("table_error", None):
-        st.error(error, icon=":material/error:")
+        st.error(ui.plain(error), icon=":material/error:")
     edited = st.data_editor(
         shown,
         key=editor_key,

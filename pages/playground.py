@@ -84,7 +84,7 @@ if run and all(chosen):
                         text += piece
                         box.text(text)
                 except WorkbenchError as exc:  # a server that vanished mid-answer: keep what arrived
-                    st.error(str(exc), icon=":material/error:")
+                    st.error(ui.plain(exc), icon=":material/error:")
                 total = time.perf_counter() - started
                 caption = f"first token {first:.2f} s · {total:.1f} s in all" if first else "no answer"
                 if reference and text:

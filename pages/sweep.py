@@ -121,7 +121,7 @@ def results() -> None:
     for p in varied:
         others = [o for o in varied if o != p]
         st.plotly_chart(figures.mean_with_ci(table, p, others), width="stretch")
-    shown = table[["best", "run", *varied, "n", "mean_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l"]]
+    shown = table[["best", "run", *varied, "n", *NUMBER_COLUMNS]]
     st.caption("Select a configuration to read its answers next to the references.")
     picked = st.dataframe(
         shown,
@@ -133,10 +133,7 @@ def results() -> None:
         column_config={
             "best": st.column_config.CheckboxColumn("best"),
             "run": st.column_config.NumberColumn(format="%d"),
-            **{
-                c: st.column_config.NumberColumn(format="%.4f")
-                for c in ("mean_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l")
-            },
+            **{c: st.column_config.NumberColumn(format="%.4f") for c in NUMBER_COLUMNS},
         },
     )
     rows = picked.selection.rows if picked else []

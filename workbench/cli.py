@@ -16,18 +16,22 @@ from pathlib import Path
 
 from core import compare, dataset, formats, jobs, models, qa_generation, runs
 from core.backends import USER_BACKENDS
-from core.decoding import DecodingParams, field_help
+from core.decoding import INT_PARAMS, DecodingParams, field_help
 from core.errors import BadInput, WorkbenchError
 from core.store import Store
-from core.sweep import SweepConfig
+from core.sweep import MODES, SWEEPABLE, SweepConfig
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "tests" / "benchmarks"
 
 
-def open_workspace() -> Store:
-    """The workspace's store, with the starter dataset imported on first use."""
+def open_workspace(dataset_name: str | None = None) -> Store:
+    """The workspace's store; the starter dataset is imported on first use when the command may need it.
+
+    A command about another named dataset does not import it, so a refused command writes nothing.
+    """
     store = Store()
-    dataset.ensure_starter(store)
+    if dataset_name in (None, dataset.STARTER_NAME):
+        dataset.ensure_starter(store)
     return store
 
 
@@ -44,14 +48,14 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with open_workspace() as store:
+    with open_workspace(args.dataset) as store:
         n = dataset.export_pairs(store, args.dataset, args.output, args.format, args.split, args.status)
     print(f"wrote {n} pair(s) to {args.output}")
     return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    with open_workspace() as store:
+    with open_workspace(args.dataset) as store:
         info = dataset.make_split(store, args.dataset, args.test_size, args.seed)
     kind = "stratified by field" if info.stratified else "not stratified (one field)"
     print(
@@ -150,7 +154,7 @@ def cmd_generate_qa(args: argparse.Namespace) -> int:
         question_prompt=args.question_prompt,
         answer_prompt=args.answer_prompt,
     )
-    with open_workspace() as store:
+    with open_workspace(args.dataset) as store:
         job_id = qa_generation.submit(store, config)
         return follow_or_detach(store, job_id, args.background)
 
@@ -174,7 +178,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             {k: getattr(args, k) for k in sweep.SWEEPABLE if getattr(args, k) is not None}
         ),
     )
-    with open_workspace() as store:
+    with open_workspace(args.dataset) as store:
         sweep_id, job_id = sweep.start_sweep(store, config)
         print(f"sweep {sweep_id}: job {job_id}")
         code = follow_or_detach(store, job_id, args.background)
@@ -280,11 +284,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_float(text: str) -> float:
+def _share(text: str) -> float:
+    """A share strictly between 0 and 1, checked before the workspace is opened."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
 
 
 def _add_config_args(parser: argparse.ArgumentParser, cls: type, options: dict[str, dict]) -> None:
@@ -345,9 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("split", cmd_split, "Draw a new frozen train/test split version over the accepted pairs.")
     p.add_argument("--dataset", required=True, help="dataset to split")
-    p.add_argument(
-        "--test-size", type=_positive_float, default=0.2, help="share of pairs in the test part (default 0.2)"
-    )
+    p.add_argument("--test-size", type=_share, default=0.2, help="share of pairs in the test part (default 0.2)")
     p.add_argument("--seed", type=int, default=42, help="random seed of the split (default 42)")
 
     p = command("datasets", cmd_datasets, "List datasets with their pair counts per status and latest split.")
@@ -411,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", required=True, help=field_help(SweepConfig, "grid"))
     p.add_argument(
         "--mode",
-        choices=("product", "one-at-a-time", "optuna"),
+        choices=MODES,
         default="product",
         help=field_help(SweepConfig, "mode"),
     )
@@ -420,10 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=10, help=field_help(SweepConfig, "trials"))
     p.add_argument("--scorer", help=field_help(SweepConfig, "scorer_model"))
     p.add_argument("--rescale", action="store_true", help=field_help(SweepConfig, "rescale"))
-    for name in ("temperature", "top_p", "top_k", "max_tokens", "repeat_penalty", "seed"):
+    for name in SWEEPABLE:
         p.add_argument(
             f"--{name.replace('_', '-')}",
-            type=float if name in ("temperature", "top_p", "repeat_penalty") else int,
+            type=int if name in INT_PARAMS else float,
             help=f"baseline {name} (default {getattr(DecodingParams(), name)}): " + field_help(DecodingParams, name),
         )
     p.add_argument("--background", action="store_true", help="return at once with the job id")
@@ -446,3 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. an output path that is a folder, a disk that is full
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}".replace(": :", ":"), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

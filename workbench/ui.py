@@ -8,6 +8,7 @@ never as HTML.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,14 @@ _local = threading.local()
 _starter_lock = threading.Lock()
 
 
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>()#+\-.!|$~])")
+
+
+def plain(text: object) -> str:
+    """Text for a widget that renders Markdown (banners, captions, labels), shown exactly as written."""
+    return _MARKDOWN.sub(r"\\\1", str(text))
+
+
 def store() -> Store:
     """One connection per thread (Streamlit runs each script run in a thread of its own)."""
     if getattr(_local, "store", None) is None:
@@ -38,7 +47,7 @@ def run_page(page: Callable[[], None] | st.navigation) -> None:
     try:
         page.run() if hasattr(page, "run") else page()
     except WorkbenchError as exc:
-        st.error(str(exc), icon=":material/error:")
+        st.error(plain(exc), icon=":material/error:")
     except Exception as exc:  # never show a stack trace in the page
         log.exception("page failed")
         st.error(
@@ -53,7 +62,7 @@ def attempt(action: Callable[[], object], success: str | None = None) -> object 
     try:
         result = action()
     except WorkbenchError as exc:
-        st.error(str(exc), icon=":material/error:")
+        st.error(plain(exc), icon=":material/error:")
         return None
     if success:
         st.toast(success, icon=":material/check_circle:")
@@ -88,7 +97,7 @@ def flash(message: str) -> None:
 
 def show_flashes() -> None:
     for message in st.session_state.pop("_flash", []):
-        st.success(message, icon=":material/check_circle:")
+        st.success(plain(message), icon=":material/check_circle:")
 
 
 def _fmt_seconds(seconds: float | None) -> str:
@@ -141,7 +150,7 @@ def job_panel(job_id: int, log_lines: int = 12) -> None:
                 attempt(lambda: jobs.resume(store(), job.id), f"job {job.id} resumed")
             label = f"{job.done}/{job.total}" if job.total else f"{job.done}"
             left = _fmt_seconds(job.seconds_left)
-            st.progress(job.fraction, text=f"{label}{' · ' + left + ' left' if left else ''} · {job.message}")
+            st.progress(job.fraction, text=f"{label}{' · ' + left + ' left' if left else ''} · {plain(job.message)}")
             if figures := _figure_text(job.figures):
                 st.caption(figures)
             tail = jobs.log_tail(store(), job.id, log_lines)
