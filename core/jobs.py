@@ -36,6 +36,7 @@ JOB_KINDS: dict[str, str] = {
     "prepare-models": "core.models:prepare_models_job",
     "generate-qa": "core.qa_generation:run_generate_qa_job",
     "sweep": "core.sweep:run_sweep_job",
+    "train": "core.training:run_train_job",
 }
 
 ACTIVE = ("queued", "running")

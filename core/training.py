@@ -1,0 +1,471 @@
+"""LoRA / QLoRA fine-tuning of a causal LM on a dataset's accepted train pairs, as a plain PyTorch loop.
+
+A pair becomes text through core.prompting (the same prompt the evaluation asks), the loss
+covers the answer tokens only, and logits are computed only where there is a label: with
+Gemma 3's 262k-token vocabulary, full-sequence logits would dominate memory. Progress and
+per-step metrics go to the store; a checkpoint each epoch (and on cancel) lets a job resume
+where it stopped. The adapter is saved in the standard PEFT format.
+
+Never merges, quantizes for export or converts to GGUF (that is export's job), never searches
+hyperparameters (Optuna's), and never touches the base model's weights: only LoRA weights train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from core import dataset, models, workspace
+from core.errors import BadInput
+from core.jobs import JobCancelled, JobContext
+from core.prompting import DEFAULT_TEMPLATE, check_template, render_prompt
+from core.store import Store, now
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("qlora", "lora")
+SCHEDULERS = ("linear", "cosine", "constant")
+IGNORE = -100  # label of a token that carries no loss (prompt and padding)
+MEGA_CHUNK_BATCHES = 50  # length grouping sorts within chunks of this many batches
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = field(metadata={"help": "dataset whose accepted pairs are trained on"})
+    part: str = _opt("train", "which part of the latest split to train on (eval uses the test part)")
+    method: str = _opt("qlora", "qlora: 4-bit NF4 base weights + LoRA; lora: full-precision base + LoRA")
+    model: str = _opt("", "model folder or hub id; empty uses the embedded Gemma 3 270M checkpoint")
+    lora_r: int = _opt(8, "LoRA rank r: the size of the low-rank update")
+    lora_alpha: float = _opt(16, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input, in [0, 1)")
+    target_modules: tuple[str, ...] = _opt(
+        ("q_proj", "v_proj"), f"module names that get LoRA adapters; all linear layers: {','.join(ALL_LINEAR)}"
+    )
+    learning_rate: float = _opt(2e-4, "peak learning rate of AdamW")
+    scheduler: str = _opt("linear", "learning-rate schedule after warmup: linear, cosine or constant")
+    warmup_ratio: float = _opt(0.05, "share of the optimizer steps spent warming the learning rate up")
+    epochs: int = _opt(1, "passes over the training pairs")
+    batch_size: int = _opt(4, "pairs per forward pass")
+    grad_accum: int = _opt(1, "forward passes per optimizer step (effective batch = batch_size * grad_accum)")
+    max_seq_len: int = _opt(256, "tokens per pair (prompt + answer); longer pairs are cut")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
+    limit: int | None = _opt(None, "use only the first N train and N test pairs")
+    seed: int = _opt(42, "seed for the LoRA initialisation, dropout and batch order")
+    prompt_template: str = _opt(DEFAULT_TEMPLATE, "prompt text; must contain {question}")
+    output_dir: str = _opt("", "where checkpoint, adapter and metrics go; empty: the workspace's artifacts/train-JOB")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise BadInput(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        values = dict(values)
+        if "target_modules" in values:
+            modules = values["target_modules"]
+            values["target_modules"] = tuple(modules.split(",") if isinstance(modules, str) else modules)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self, store: Store) -> str:
+        """Refuse settings that cannot train (BadInput, one line); returns the resolved model path or id."""
+        checks = [
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"),
+            (self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}"),
+            (self.lora_r >= 1, f"LoRA r must be at least 1, got {self.lora_r}"),
+            (self.lora_alpha > 0, f"LoRA alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"LoRA dropout must be in [0, 1), got {self.lora_dropout}"),
+            (0 <= self.warmup_ratio < 1, f"warmup ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"gradient accumulation must be at least 1, got {self.grad_accum}"),
+            (self.max_seq_len >= 8, f"max sequence length must be at least 8, got {self.max_seq_len}"),
+            (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
+            (bool(self.target_modules), "give at least one target module"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInput(message)
+        check_template(self.prompt_template)
+        if not dataset.select_pairs(store, self.dataset, self.part, "accepted"):
+            raise BadInput(f"dataset {self.dataset!r} has no accepted pairs in its {self.part} part")
+        path = models.resolve_generator(self.model, "transformers")
+        module_names = _module_names(path)
+        missing = sorted(set(self.target_modules) - module_names)
+        if missing:
+            raise BadInput(f"the model has no module(s) named {', '.join(missing)}")
+        return path
+
+
+def _module_names(path: str) -> set[str]:
+    """Leaf module names of a model, from its config alone (built on the meta device: no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):
+        raise BadInput(f"no model at {path!r}: neither a checkpoint folder nor a cached hub id") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules() if name}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: str
+    steps: int
+    epochs: int
+    train_loss_first: float
+    train_loss_last: float
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def build_examples(tokenizer, pairs: list[dataset.StoredPair], template: str, max_seq_len: int) -> list[dict]:
+    """Token ids and labels per pair: prompt tokens carry no loss, answer tokens + EOS do.
+
+    The prompt and the answer are tokenized apart, so the boundary where the labels start is
+    exact. Pairs whose prompt alone fills max_seq_len have nothing to learn and are dropped.
+    """
+    examples = []
+    for pair in pairs:
+        prompt = tokenizer(render_prompt(pair.question, template))["input_ids"]
+        answer = tokenizer(" " + pair.answer.strip(), add_special_tokens=False)["input_ids"]
+        input_ids = (prompt + answer + [tokenizer.eos_token_id])[:max_seq_len]
+        labels = ([IGNORE] * len(prompt) + answer + [tokenizer.eos_token_id])[:max_seq_len]
+        if any(label != IGNORE for label in labels):
+            examples.append({"input_ids": input_ids, "labels": labels})
+    return examples
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of this batch (not to max_seq_len); pads carry no loss."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+
+    def pad(values: list[int], fill: int) -> list[int]:
+        return values + [fill] * (width - len(values))
+
+    return {
+        "input_ids": torch.tensor([pad(ex["input_ids"], pad_id) for ex in batch]),
+        "attention_mask": torch.tensor([pad([1] * len(ex["input_ids"]), 0) for ex in batch]),
+        "labels": torch.tensor([pad(ex["labels"], IGNORE) for ex in batch]),
+    }
+
+
+def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches (of example indices) of similar length, so little compute goes to padding.
+
+    Shuffle, sort by length within mega-chunks of MEGA_CHUNK_BATCHES batches, cut into
+    batches, shuffle the batches; the same (seed, epoch) always gives the same batches,
+    which is what lets a resumed run skip exactly the batches it already trained on.
+    """
+    rng = random.Random(f"{seed}-{epoch}")
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    chunk = batch_size * MEGA_CHUNK_BATCHES
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: len(examples[i]["input_ids"]))
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---- model -----------------------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(config: TrainConfig, path: str):
+    """The base model (4-bit NF4 for qlora) with fresh LoRA adapters; returns (peft model, tokenizer)."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "use_safetensors": True, "dtype": dtype}
+    if config.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": _device().type}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        model.to(_device())
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    torch.manual_seed(config.seed)  # the LoRA A matrices are drawn here
+    lora = peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return peft.get_peft_model(model, lora), tokenizer
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) tokens, the same as `model(labels=...).loss`.
+
+    The transformer body gives hidden states; only the rows that predict a labelled token go
+    through lm_head, so the (tokens x vocabulary) logits are answer-sized, not sequence-sized.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = hidden.last_hidden_state[:, :-1]  # position t predicts token t + 1
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden[keep]).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 squashes logits before the softmax; the model's own loss does too
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float | None:
+    """Token-weighted mean answer loss over examples (None when there are none)."""
+    if not examples:
+        return None
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = _to(collate(examples[start : start + batch_size], pad_id), _device())
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += answer_loss(model, batch).item() * n
+        tokens += n
+    model.train()
+    return total / tokens
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def _save_checkpoint(model, optimizer, scheduler, state: dict, directory: Path) -> None:
+    """Adapter + optimizer/scheduler + position, written beside and then swapped in (never half-written)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(
+        {
+            **state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def _load_checkpoint(model, optimizer, scheduler, directory: Path, config: TrainConfig) -> dict:
+    import peft
+    from safetensors.torch import load_file
+
+    state = torch.load(directory / "state.pt", weights_only=True)  # plain tensors and numbers: no pickled code
+    optimizer_state, scheduler_state, rng = state.pop("optimizer"), state.pop("scheduler"), state.pop("rng")
+    if state["config"] != config.to_dict():
+        raise BadInput(f"{directory} holds a checkpoint of different settings; choose another output folder")
+    peft.set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    torch.set_rng_state(rng)
+    return state
+
+
+def _peak_memory_mb(peak: float) -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return max(peak, psutil.Process().memory_info().rss / 2**20)
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+
+def train(
+    ctx: JobContext | None,
+    config: TrainConfig,
+    store: Store,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train LoRA adapters; resumes from output_dir/checkpoint when one exists.
+
+    With a JobContext, each optimizer step is recorded in training_metrics, reported as
+    progress and is a point where a cancel stops the run (after saving a checkpoint).
+    """
+    from transformers import get_scheduler
+
+    path = config.validate(store)
+    if config.output_dir:
+        out = Path(config.output_dir)
+    elif ctx is not None:
+        out = workspace.artifacts_dir() / f"train-{ctx.job_id}"
+    else:
+        raise BadInput("give an output folder when training outside a job")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+
+    model, tokenizer = load_model(config, path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_pairs = dataset.select_pairs(store, config.dataset, config.part, "accepted")[: config.limit]
+    test_pairs = dataset.select_pairs(store, config.dataset, "test", "accepted")[: config.limit]
+    train_examples = build_examples(tokenizer, train_pairs, config.prompt_template, config.max_seq_len)
+    test_examples = build_examples(tokenizer, test_pairs, config.prompt_template, config.max_seq_len)
+    if not train_examples:
+        raise BadInput(f"every prompt fills max_seq_len={config.max_seq_len}; no answer tokens are left to train on")
+
+    batches_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+
+    state = {"config": config.to_dict(), "epoch": 0, "batch": 0, "step": 0, "losses": [], "eval_before": None}
+    if (checkpoint / "state.pt").exists():
+        state = _load_checkpoint(model, optimizer, scheduler, checkpoint, config)
+        _log(ctx, f"resuming at epoch {state['epoch'] + 1}, step {state['step']} of {total_steps}")
+    else:
+        state["eval_before"] = eval_loss(model, test_examples, config.batch_size, pad_id)
+        if state["eval_before"] is not None:
+            _record(ctx, store, 0, 0, {"eval_loss": state["eval_before"]})
+        _log(ctx, f"eval loss before training: {state['eval_before']}")
+    eval_after = state.get("eval_after")
+
+    def save() -> None:
+        _save_checkpoint(model, optimizer, scheduler, {**state, "eval_after": eval_after}, checkpoint)
+
+    model.train()
+    peak = 0.0
+    try:
+        for epoch in range(state["epoch"], config.epochs):
+            batches = length_grouped_batches(train_examples, config.batch_size, config.seed, epoch)
+            while state["batch"] < len(batches):
+                started, tokens, loss_sum = time.perf_counter(), 0, 0.0
+                group = batches[state["batch"] : state["batch"] + config.grad_accum]
+                for indices in group:
+                    batch = _to(collate([train_examples[i] for i in indices], pad_id), _device())
+                    loss = answer_loss(model, batch)
+                    (loss / len(group)).backward()
+                    loss_sum += loss.item()
+                    tokens += int(batch["attention_mask"].sum())
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["batch"] += len(group)
+                state["step"] += 1
+                peak = _peak_memory_mb(peak)
+                metrics = {
+                    "train_loss": loss_sum / len(group),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens / (time.perf_counter() - started),
+                    "peak_memory_mb": peak,
+                }
+                state["losses"].append(metrics["train_loss"])
+                _record(ctx, store, state["step"], epoch + state["batch"] / len(batches), metrics)
+                if on_step:
+                    on_step({"step": state["step"], **metrics})
+                if ctx is not None:
+                    ctx.progress(
+                        state["step"],
+                        total_steps,
+                        f"epoch {epoch + 1}/{config.epochs}, loss {metrics['train_loss']:.4f}",
+                        **metrics,
+                    )
+                    ctx.check_cancel()
+            eval_after = eval_loss(model, test_examples, config.batch_size, pad_id)
+            if eval_after is not None:
+                _record(ctx, store, state["step"], epoch + 1, {"eval_loss": eval_after})
+            _log(ctx, f"epoch {epoch + 1}: eval loss {eval_after}")
+            state["epoch"], state["batch"] = epoch + 1, 0
+            save()
+    except JobCancelled:
+        save()
+        raise
+
+    model.save_pretrained(out / "adapter")
+    result = TrainResult(
+        output_dir=str(out),
+        steps=state["step"],
+        epochs=config.epochs,
+        train_loss_first=state["losses"][0],
+        train_loss_last=state["losses"][-1],
+        eval_loss_before=state["eval_before"],
+        eval_loss_after=eval_after,
+    )
+    (out / "metrics.json").write_text(json.dumps({**asdict(result), "train_losses": state["losses"]}, indent=2))
+    (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "resolved_model": path}, indent=2))
+    return result
+
+
+def _record(ctx: JobContext | None, store: Store, step: int, epoch: float, metrics: dict[str, float]) -> None:
+    """training_metrics rows belong to a job; a run outside a job reports through on_step only."""
+    if ctx is None:
+        return
+    stamp = now()
+    with store.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO training_metrics (job_id, step, epoch, name, value, at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(ctx.job_id, step, epoch, name, float(value), stamp) for name, value in metrics.items()],
+        )
+
+
+def _log(ctx: JobContext | None, line: str) -> None:
+    if ctx is not None:
+        ctx.log(line)
+
+
+def run_train_job(ctx: JobContext) -> None:
+    """The `train` job kind: params are a TrainConfig as a dict; output defaults to artifacts/train-JOB."""
+    config = TrainConfig.from_dict(ctx.params)
+    result = train(ctx, config, ctx.store)
+    ctx.progress(
+        result.steps,
+        result.steps,
+        f"done: train loss {result.train_loss_first:.4f} -> {result.train_loss_last:.4f}",
+        eval_loss_before=result.eval_loss_before,
+        eval_loss_after=result.eval_loss_after,
+    )

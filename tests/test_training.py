@@ -1,0 +1,251 @@
+"""Training on a tiny random Llama: what must change (LoRA weights, loss) and what must not (base weights)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from core import dataset
+from core.errors import BadInput
+from core.jobs import JobCancelled, JobContext
+from core.prompting import DEFAULT_TEMPLATE, render_prompt
+from core.training import (
+    ALL_LINEAR,
+    IGNORE,
+    TrainConfig,
+    answer_loss,
+    build_examples,
+    collate,
+    length_grouped_batches,
+    load_model,
+    train,
+)
+
+
+@pytest.fixture
+def tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def _config(tiny_llama, tmp_path, **overrides) -> TrainConfig:
+    settings = {
+        "dataset": "starter",
+        "method": "lora",
+        "model": str(tiny_llama),
+        "target_modules": ALL_LINEAR,
+        "learning_rate": 1e-2,
+        "limit": 8,
+        "batch_size": 2,
+        "max_seq_len": 64,
+        "output_dir": str(tmp_path / "out"),
+    }
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _job(store, config: TrainConfig) -> int:
+    return store.execute(
+        "INSERT INTO jobs (kind, params, state, created_at) VALUES ('train', ?, 'running', 0)",
+        (json.dumps(config.to_dict()),),
+    ).lastrowid
+
+
+def test_labels_mask_the_prompt(starter, tokenizer):
+    pair = dataset.select_pairs(starter, "starter", "train")[0]
+    [example] = build_examples(tokenizer, [pair], DEFAULT_TEMPLATE, 512)
+    prompt_len = len(tokenizer(render_prompt(pair.question))["input_ids"])
+    assert example["labels"][:prompt_len] == [IGNORE] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+    answer = tokenizer.decode(example["input_ids"][prompt_len:-1])
+    assert answer.strip() == pair.answer.strip()
+    [short] = build_examples(tokenizer, [pair], DEFAULT_TEMPLATE, prompt_len + 3)
+    assert len(short["input_ids"]) == len(short["labels"]) == prompt_len + 3
+    assert build_examples(tokenizer, [pair], DEFAULT_TEMPLATE, prompt_len) == []  # nothing left to learn
+
+
+def test_collate_pads_dynamically_and_length_grouping_cuts_padding(starter, tokenizer):
+    pairs = dataset.select_pairs(starter, "starter", "train")
+    examples = build_examples(tokenizer, pairs, DEFAULT_TEMPLATE, 256)
+    batch = collate(examples[:3], tokenizer.pad_token_id)
+    longest = max(len(e["input_ids"]) for e in examples[:3])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, longest)
+    for row, ex in enumerate(examples[:3]):
+        n = len(ex["input_ids"])
+        assert batch["attention_mask"][row].sum() == n
+        assert (batch["labels"][row, n:] == IGNORE).all()
+        assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
+
+    def padding(batches):
+        return sum(collate([examples[i] for i in b], 0)["attention_mask"].eq(0).sum().item() for b in batches)
+
+    grouped = length_grouped_batches(examples, 4, seed=1, epoch=0)
+    assert sorted(i for b in grouped for i in b) == list(range(len(examples)))
+    assert grouped == length_grouped_batches(examples, 4, seed=1, epoch=0)
+    assert grouped != length_grouped_batches(examples, 4, seed=1, epoch=1)
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    at_random = [order[i : i + 4] for i in range(0, len(order), 4)]
+    assert padding(grouped) < padding(at_random) / 2
+
+
+def test_answer_loss_equals_the_full_loss(starter, tiny_llama, tmp_path):
+    config = _config(tiny_llama, tmp_path, lora_dropout=0.0)
+    model, tokenizer = load_model(config, str(tiny_llama))
+    pairs = dataset.select_pairs(starter, "starter", "train")[:4]
+    batch = collate(build_examples(tokenizer, pairs, DEFAULT_TEMPLATE, 96), tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        full = model(**batch).loss
+        ours = answer_loss(model, batch)
+    assert abs(full.item() - ours.item()) < 1e-4
+
+
+def test_one_lora_epoch_learns_and_the_adapter_reloads(starter, tiny_llama, tmp_path, monkeypatch):
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from core import training
+
+    loaded = []
+
+    def keep(*args):
+        loaded.append(load_model(*args))
+        return loaded[-1]
+
+    monkeypatch.setattr(training, "load_model", keep)
+    config = _config(tiny_llama, tmp_path)
+    job_id = _job(starter, config)
+    steps: list[dict] = []
+    started = time.perf_counter()
+    result = train(JobContext(starter, job_id, config.to_dict()), config, starter, on_step=steps.append)
+    seconds = time.perf_counter() - started
+
+    assert result.steps == len(steps) == 4  # 8 pairs / batch 2
+    assert result.train_loss_last < result.train_loss_first
+    assert result.eval_loss_after < result.eval_loss_before
+    names = {r["name"] for r in starter.query("SELECT name FROM training_metrics WHERE job_id = ?", (job_id,))}
+    assert names == {"train_loss", "learning_rate", "tokens_per_s", "peak_memory_mb", "eval_loss"}
+    assert tuple(starter.one("SELECT done, total FROM jobs WHERE id = ?", (job_id,))) == (4, 4)
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    assert json.loads((out / "train_config.json").read_text())["dataset"] == "starter"
+
+    [(trained, _)] = loaded
+    trained.eval()
+    base_before = load_file(tiny_llama / "model.safetensors")
+    for name, param in trained.get_base_model().named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad
+        else:
+            assert not param.requires_grad
+            assert torch.equal(param, base_before[name.replace(".base_layer", "")]), name
+    lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero: these moved
+
+    assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapter")
+    reloaded.eval()
+    ids = torch.tensor([[2, 100, 200, 300, 400]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+    print(
+        f"\nlora: 4 steps + 2 evals in {seconds:.1f} s; tokens/s per step: {[round(s['tokens_per_s']) for s in steps]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_64(tiny_llama, tmp_path_factory):
+    """tiny_llama widened to 64: bitsandbytes' CPU 4-bit kernel needs in_features divisible by its block of 64."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-64")
+    config = LlamaConfig.from_pretrained(tiny_llama)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(path)
+    return path
+
+
+def test_qlora_runs_a_step_on_cpu(starter, tiny_llama_64, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+
+    from core import training
+
+    loaded = []
+    monkeypatch.setattr(training, "load_model", lambda *args: loaded.append(load_model(*args)) or loaded[-1])
+    config = _config(tiny_llama_64, tmp_path, method="qlora", limit=4, batch_size=4)
+    started = time.perf_counter()
+    result = train(None, config, starter)
+    seconds = time.perf_counter() - started
+    assert result.steps == 1
+    assert torch.isfinite(torch.tensor([result.train_loss_first, result.eval_loss_after])).all()
+    [(model, _)] = loaded
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    print(f"\nqlora (4-bit base on CPU): 1 step + 2 evals in {seconds:.1f} s")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": 0}, "learning rate"),
+        ({"lora_r": 0}, "LoRA r"),
+        ({"lora_alpha": -1}, "alpha"),
+        ({"lora_dropout": 1.0}, "dropout"),
+        ({"epochs": 0}, "epochs"),
+        ({"target_modules": ("q_proj", "c_attn")}, "c_attn"),
+        ({"model": "/nowhere/model"}, "no model"),
+        ({"part": "test", "dataset": "empty"}, "no accepted pairs"),
+    ],
+)
+def test_bad_settings_are_refused(starter, tiny_llama, tmp_path, overrides, message):
+    dataset.add_pairs(starter, "empty", [], "accepted")
+    if overrides.get("dataset") == "empty":
+        starter.execute(
+            "INSERT INTO splits (dataset_id, version, seed, test_size, stratified, created_at)"
+            " VALUES (?, 1, 0, 0.2, 0, 0)",
+            (dataset.dataset_id(starter, "empty"),),
+        )
+    with pytest.raises(BadInput, match=message):
+        train(None, _config(tiny_llama, tmp_path, **overrides), starter)
+    assert not (tmp_path / "out").exists()
+
+
+class CancelAt(JobContext):
+    """A job context whose user presses cancel at optimizer step `at`."""
+
+    def __init__(self, store, job_id, params, at: int) -> None:
+        super().__init__(store, job_id, params)
+        self.at, self.step = at, 0
+
+    def progress(self, done, total=None, message=None, **figures) -> None:
+        super().progress(done, total, message, **figures)
+        self.step = done
+
+    def check_cancel(self) -> None:
+        if self.step == self.at:
+            raise JobCancelled()
+
+
+def test_resume_continues_from_the_checkpoint(starter, tiny_llama, tmp_path):
+    config = _config(tiny_llama, tmp_path, epochs=2, limit=4)  # 2 steps per epoch
+    job_id = _job(starter, config)
+    with pytest.raises(JobCancelled):
+        train(CancelAt(starter, job_id, config.to_dict(), at=3), config, starter)
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["step"], checkpoint["batch"]) == (1, 3, 1)
+
+    steps: list[dict] = []
+    result = train(CancelAt(starter, job_id, config.to_dict(), at=-1), config, starter, on_step=steps.append)
+    assert [s["step"] for s in steps] == [4]
+    assert result.steps == 4
+    assert result.eval_loss_before is not None and result.train_loss_first == checkpoint["losses"][0]
+    recorded = starter.query("SELECT step FROM training_metrics WHERE job_id = ? AND name = 'train_loss'", (job_id,))
+    assert [r["step"] for r in recorded] == [1, 2, 3, 4]
