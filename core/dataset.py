@@ -142,10 +142,23 @@ def ensure_starter(store: Store) -> ImportSummary | None:
     """Import the shipped starter dataset on a workspace's first run (never again, even if deleted)."""
     if store.get_setting("starter_imported"):
         return None
+    parsed = formats.read_pairs(STARTER_FILE)
     with store.transaction():
-        summary = import_file(store, STARTER_FILE, STARTER_NAME, "accepted")
+        if store.get_setting("starter_imported"):  # the app and the CLI may start at the same moment
+            return None
+        added = add_pairs(
+            store,
+            STARTER_NAME,
+            parsed.rows,
+            "accepted",
+            source=str(STARTER_FILE),
+            provenance={"import": str(STARTER_FILE)},
+        )
         store.set_setting("starter_imported", True)
-    return summary
+    from core import quality  # after the commit: loading the embedding model must not hold the write lock
+
+    quality.flag_dataset(store, STARTER_NAME)
+    return ImportSummary(STARTER_NAME, str(STARTER_FILE), added, parsed.skipped_blank, "accepted")
 
 
 REVIEW_COLUMNS = "id, question, answer, field, status, flags, duplicate_of, duplicate_score, version, updated_at"
@@ -329,12 +342,19 @@ def last_change(store: Store, dataset: str) -> Change | None:
     return Change(row["id"], dataset, row["kind"], row["summary"], row["at"], ids)
 
 
-def undo_last_change(store: Store, dataset: str) -> Change | None:
-    """Revert the most recent change (recorded in history as an undo); repeated calls step further back."""
+def undo_last_change(store: Store, dataset: str, expected_change_id: int | None = None) -> Change | None:
+    """Revert the most recent change (recorded in history as an undo); repeated calls step further back.
+
+    With `expected_change_id` (the change the user saw on the Undo button), a newer change made
+    meanwhile elsewhere is not undone by mistake.
+    """
     with store.transaction() as conn:
         change = last_change(store, dataset)
         if change is None:
             return None
+        if expected_change_id is not None and change.id != expected_change_id:
+            raise BadInput(f"another change was made since ({change.summary}); look again before undoing")
+
         history = conn.execute(
             "SELECT pair_id, column_name, old_value FROM pair_history WHERE change_id = ? ORDER BY id DESC",
             (change.id,),

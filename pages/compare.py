@@ -180,8 +180,14 @@ with tabs[4]:
                 (b3, "Answer 2 is better", "right", "2"),
             ):
                 if col.button(text, key=f"rate-{choice}", shortcut=key):
-                    ui.attempt(lambda choice=choice: ratings.record(store, rater.strip(), item, choice))
+                    # The verdict is about the answers that were on screen, even if the queue moved since.
+                    shown = st.session_state.get("rating_shown", item)
+                    if {shown.left_run, shown.right_run} != {run_x, run_y}:
+                        shown = item
+                    ui.attempt(lambda choice=choice, shown=shown: ratings.record(store, rater.strip(), shown, choice))
                     st.rerun()
+            st.session_state["rating_shown"] = item
+
         result = ratings.win_rates(store, run_x, run_y)
         if result.n:
             st.dataframe(pd.DataFrame([result.__dict__]), hide_index=True, width="stretch")

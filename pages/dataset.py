@@ -43,7 +43,7 @@ def header() -> None:
         if last is None:
             st.text("nothing to undo")
         elif st.button(f"Undo: {last.summary}", icon=":material/undo:", shortcut="ctrl+z", key="undo"):
-            ui.attempt(lambda: dataset.undo_last_change(store, name), f"undone: {last.summary}")
+            ui.attempt(lambda: dataset.undo_last_change(store, name, last.id), f"undone: {last.summary}")
             st.rerun()
 
 
@@ -259,10 +259,11 @@ with generate:
             return qa_generation.submit(store, config)
 
         if job_id := ui.attempt(start, "generation started"):
-            st.session_state["generate_job"] = job_id
+            st.session_state[f"generate_job-{name}"] = job_id
     recent = [j for j in jobs.list_jobs(store, kind="generate-qa", limit=20) if j.params.get("dataset") == name]
     if recent:
-        job_id = st.session_state.get("generate_job", recent[0].id)
+        job_id = st.session_state.get(f"generate_job-{name}", recent[0].id)
+
         ui.job_panel(job_id)
 
 with upload:

@@ -121,7 +121,9 @@ def results() -> None:
     for p in varied:
         others = [o for o in varied if o != p]
         st.plotly_chart(figures.mean_with_ci(table, p, others), width="stretch")
-    shown = table[["best", "run", *varied, "n", *NUMBER_COLUMNS]]
+    # In run order, so a selected row stays the same configuration while scores arrive (click a header to sort).
+    shown = table.sort_values("run")[["best", "run", *varied, "n", *NUMBER_COLUMNS]].reset_index(drop=True)
+
     st.caption("Select a configuration to read its answers next to the references.")
     picked = st.dataframe(
         shown,

@@ -158,3 +158,21 @@ def test_filters_combine_status_field_flag_and_text(store):
         dataset.next_in_queue(store, "mixed", skipped={dataset.pairs_frame(store, "mixed")["id"][0]})["question"]
         == "What is a baseline?"
     )
+
+
+def test_undo_refuses_when_a_newer_change_arrived_from_elsewhere(store):
+    ids = [int(i) for i in dataset.pairs_frame(store, "starter")["id"][:2]]
+    dataset.set_status(store, ids[0], "rejected")
+    seen = dataset.last_change(store, "starter").id
+    dataset.set_status(store, ids[1], "rejected")  # another tab
+    with pytest.raises(BadInput, match="another change"):
+        dataset.undo_last_change(store, "starter", expected_change_id=seen)
+    assert dataset.get_pair(store, ids[1])["status"] == "rejected"
+
+
+def test_a_cleared_grid_cell_clears_the_field_but_never_the_question(store):
+    pair_id = int(dataset.pairs_frame(store, "starter")["id"][0])
+    dataset.update_pairs(store, {pair_id: {"field": None}})
+    assert dataset.get_pair(store, pair_id)["field"] == ""
+    with pytest.raises(BadInput, match="question cannot be empty"):
+        dataset.update_pairs(store, {pair_id: {"question": None}})

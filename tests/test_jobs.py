@@ -130,3 +130,17 @@ def test_an_ollama_run_pauses_when_the_server_vanishes_and_resumes_exactly_once(
         assert all(o["num_predict"] == 128 and o["temperature"] == 0.7 for o in options)
     finally:
         server.stop()
+
+
+def test_a_run_keeps_the_questions_it_was_created_with(starter):
+    run_id = echo_run(starter, 0.0, limit=3)
+    asked = [p.id for p in runs.run_pairs(starter, runs.get_run(starter, run_id))]
+    from core import dataset
+
+    dataset.set_status(starter, asked[0], "rejected")
+    assert [p.id for p in runs.run_pairs(starter, runs.get_run(starter, run_id))] == asked
+
+
+def test_a_job_whose_process_never_started_can_be_cancelled_at_once(starter):
+    job_id = jobs.submit(starter, "generate", {"run_id": echo_run(starter, 0.0)}, start=False)
+    assert jobs.request_cancel(starter, job_id).state == "cancelled"

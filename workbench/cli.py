@@ -252,11 +252,15 @@ def follow(store: Store, job_id: int, out=sys.stderr) -> int:
             if job.state not in jobs.ACTIVE:
                 out.write("\n")
                 print(f"job {job.id} {job.state}: {job.message}")
-                return 0 if job.state == "done" else 2
+                return 0 if job.state == "done" else 1  # 2 stays reserved for bad input
             time.sleep(0.5)
     except KeyboardInterrupt:
         out.write("\ncancelling ...\n")
-        job = jobs.cancel(store, job_id)
+        try:
+            job = jobs.cancel(store, job_id)
+        except WorkbenchError:  # it ended on its own just before Ctrl-C
+            job = jobs.get(store, job_id)
+
         print(f"job {job.id} {job.state}; resume with: python -m workbench resume {job.id}")
         return 130
 

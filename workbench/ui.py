@@ -131,8 +131,7 @@ def _figure_text(figures: dict) -> str:
 def job_panel(job_id: int, log_lines: int = 12) -> None:
     """Progress, figures, Cancel/Resume and the log tail of one job; refreshes itself while it runs."""
 
-    @st.fragment(run_every=1.0)
-    def panel() -> None:
+    def body() -> None:
         job = jobs.get(store(), job_id)
         active = job.state in jobs.ACTIVE
         with st.container(border=True):
@@ -157,6 +156,10 @@ def job_panel(job_id: int, log_lines: int = 12) -> None:
             if tail:
                 with st.expander("Log", expanded=active or job.state in ("failed", "interrupted")):
                     st.code("\n".join(tail), language=None)
+
+    @st.fragment(run_every=1.0)
+    def panel() -> None:
+        run_page(body)  # a fragment's reruns bypass the page's own guard
 
     panel()
 
