@@ -123,18 +123,13 @@ with tabs[3]:
     frame["spread"] = frame[chosen].max(axis=1) - frame[chosen].min(axis=1)
     frame = frame.sort_values("spread", ascending=False).reset_index(drop=True)
     shown = frame[["question", *chosen, "spread"]].rename(columns=names)
-    picked = st.dataframe(
+    selected = ui.pick_row(
         shown,
-        hide_index=True,
-        width="stretch",
-        on_select="rerun",
-        selection_mode="single-row",
-        key="compare-questions",
-        column_config={n: st.column_config.NumberColumn(format="%.3f") for n in [*names.values(), "spread"]},
+        "compare-questions",
+        {n: st.column_config.NumberColumn(format="%.3f") for n in [*names.values(), "spread"]},
     )
-    rows = picked.selection.rows if picked else []
-    if rows:
-        row = frame.iloc[rows[0]]
+    if selected is not None:
+        row = frame.iloc[selected]
         st.markdown("**Question**")
         st.text(row["question"])
         cols = st.columns(len(chosen) + 1)

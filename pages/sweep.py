@@ -125,22 +125,17 @@ def results() -> None:
     shown = table.sort_values("run")[["best", "run", *varied, "n", *NUMBER_COLUMNS]].reset_index(drop=True)
 
     st.caption("Select a configuration to read its answers next to the references.")
-    picked = st.dataframe(
+    selected = ui.pick_row(
         shown,
-        hide_index=True,
-        width="stretch",
-        on_select="rerun",
-        selection_mode="single-row",
-        key=f"sweep-table-{chosen.id}",
-        column_config={
+        f"sweep-table-{chosen.id}",
+        {
             "best": st.column_config.CheckboxColumn("best"),
             "run": st.column_config.NumberColumn(format="%d"),
             **{c: st.column_config.NumberColumn(format="%.4f") for c in NUMBER_COLUMNS},
         },
     )
-    rows = picked.selection.rows if picked else []
-    if rows:
-        run_id = int(shown.iloc[rows[0]]["run"])
+    if selected is not None:
+        run_id = int(shown.iloc[selected]["run"])
         answers = scoring.run_scores(store, run_id, stamp)
         st.subheader(f"Answers of run {run_id}")
         st.dataframe(

@@ -164,6 +164,21 @@ def job_panel(job_id: int, log_lines: int = 12) -> None:
     panel()
 
 
+def pick_row(frame: pd.DataFrame, key: str, column_config: dict | None = None) -> int | None:
+    """A table in which one row can be selected; returns the selected row's position, or None."""
+    picked = st.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        on_select="rerun",
+        selection_mode="single-row",
+        key=key,
+        column_config=column_config,
+    )
+    rows = picked.selection.rows if picked else []
+    return rows[0] if rows else None
+
+
 def jobs_frame(limit: int = 50) -> pd.DataFrame:
     rows = [
         {
