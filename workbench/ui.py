@@ -224,30 +224,25 @@ def decoding_sliders(key: str, defaults=None):
 
     d = defaults or DecodingParams()
 
-    def rng(name):
-        return field_range(DecodingParams, name)
-
-    temperature = st.slider(
-        "temperature",
-        *rng("temperature"),
-        d.temperature,
-        0.05,
-        key=f"{key}-t",
-        help=field_help(DecodingParams, "temperature"),
-    )
-    top_p = st.slider("top_p", *rng("top_p"), d.top_p, 0.01, key=f"{key}-p", help=field_help(DecodingParams, "top_p"))
-    top_k = st.slider("top_k", 0, 200, d.top_k, 1, key=f"{key}-k", help=field_help(DecodingParams, "top_k"))
-    max_tokens = st.slider(
-        "max_tokens", 1, 1024, d.max_tokens, 1, key=f"{key}-m", help=field_help(DecodingParams, "max_tokens")
-    )
-    repeat_penalty = st.slider(
-        "repeat_penalty",
-        *rng("repeat_penalty"),
-        d.repeat_penalty,
-        0.01,
-        key=f"{key}-r",
-        help=field_help(DecodingParams, "repeat_penalty"),
-    )
+    # name -> (key suffix, step, range); top_k and max_tokens get narrower slider ranges than their limits.
+    sliders = {
+        "temperature": ("t", 0.05, None),
+        "top_p": ("p", 0.01, None),
+        "top_k": ("k", 1, (0, 200)),
+        "max_tokens": ("m", 1, (1, 1024)),
+        "repeat_penalty": ("r", 0.01, None),
+    }
+    values = {
+        name: st.slider(
+            name,
+            *(bounds or field_range(DecodingParams, name)),
+            getattr(d, name),
+            step,
+            key=f"{key}-{suffix}",
+            help=field_help(DecodingParams, name),
+        )
+        for name, (suffix, step, bounds) in sliders.items()
+    }
     seed = st.text_input(
         "seed",
         "" if d.seed is None else str(d.seed),
@@ -255,13 +250,4 @@ def decoding_sliders(key: str, defaults=None):
         help=field_help(DecodingParams, "seed"),
         placeholder="random",
     )
-    return DecodingParams.from_dict(
-        {
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "max_tokens": max_tokens,
-            "repeat_penalty": repeat_penalty,
-            "seed": seed,
-        }
-    )
+    return DecodingParams.from_dict({**values, "seed": seed})
