@@ -85,7 +85,10 @@ if run and all(chosen):
                         box.text(text)
                 except WorkbenchError as exc:  # a server that vanished mid-answer: keep what arrived
                     st.error(ui.plain(exc), icon=":material/error:")
+                if not text:
+                    box.text("(the model gave an empty answer: it stopped at once)")
                 total = time.perf_counter() - started
+
                 caption = f"first token {first:.2f} s · {total:.1f} s in all" if first else "no answer"
                 if reference and text:
                     score = ui.attempt(

@@ -180,10 +180,10 @@ def test_playground_slider_and_streamed_answer(app_server, page, embedded_models
     slider = page.get_by_role("slider", name="temperature").first
     assert slider.input_value() == "0.7"
     slider.focus()
-    for _ in range(4):
+    for _ in range(14):  # down to greedy decoding: a sampled answer may be empty, a greedy one is known
         page.keyboard.press("ArrowLeft")
     page.wait_for_timeout(300)
-    assert slider.input_value() == "0.5"
+    assert slider.input_value() == "0"
 
     click_button(page, "Run")
     answer = page.locator("[data-testid='stText']").filter(visible=True).last
