@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from core import runs, settings
+from core import runs, scoring, settings
 from core.backends import make_backend
 from core.backends.base import Backend
 from core.decoding import DecodingParams
@@ -121,6 +121,14 @@ def generate_run(
                 tally.report(ctx, backend, f"run {run.id}: {tally.done}/{tally.total} answers")
     except BackendError as exc:
         raise JobPaused(f"paused: {exc}") from None
+
+
+def generate_and_score(
+    ctx: JobContext, run: runs.Run, backend: Backend, tally: Tally, scorer: scoring.ScorerConfig
+) -> None:
+    """Generate a run's missing answers and score each batch as it lands (a sweep's or an evaluation's work)."""
+    scoring.score_run(ctx.store, run.id, scorer)  # answers committed before a crash, not yet scored
+    generate_run(ctx, run, backend, tally, on_batch=lambda ids: scoring.score_generations(ctx.store, ids, scorer))
 
 
 def run_generation_job(ctx: JobContext) -> None:

@@ -37,8 +37,11 @@ JOB_KINDS: dict[str, str] = {
     "generate-qa": "core.qa_generation:run_generate_qa_job",
     "sweep": "core.sweep:run_sweep_job",
     "train": "core.training:run_train_job",
+    "evaluate": "core.evaluation:run_evaluate_job",
 }
 
+# Kinds that fill the accelerator (or every CPU core): one runs at a time, the others wait queued.
+DEVICE_KINDS = ("train", "train-search")
 ACTIVE = ("queued", "running")
 RESUMABLE = ("interrupted", "cancelled", "failed")
 HEARTBEAT_SECONDS = 2.0
@@ -355,21 +358,54 @@ def _heartbeat(job_id: int, stop: threading.Event) -> None:
         store.close()
 
 
-def run(job_id: int) -> str:
-    """Body of `python -m workbench run-job ID`: claim the job, run its function, record the end."""
-    store = Store()
+def device_holder(store: Store, job_id: int, kind: str) -> int | None:
+    """The job this one must wait for: a running device job, or a live one queued before it (FIFO)."""
+    if kind not in DEVICE_KINDS:
+        return None
+    marks = ",".join("?" * len(DEVICE_KINDS))
+    rows = store.query(
+        f"SELECT id, state, pid, pid_started FROM jobs WHERE kind IN ({marks}) AND id != ?"
+        " AND (state = 'running' OR (state = 'queued' AND id < ?)) ORDER BY state = 'running' DESC, id",
+        (*DEVICE_KINDS, job_id, job_id),
+    )
+    return next((r["id"] for r in rows if _alive(r["pid"], r["pid_started"])), None)
+
+
+def _claim(store: Store, job_id: int) -> Any:
+    """Mark the job running (in one write transaction with the device check); None while it must wait."""
     with store.transaction() as conn:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no job with id {job_id}")
         if row["state"] not in ("queued", *RESUMABLE):
             raise BadInput(f"job {job_id} is {row['state']}; it cannot be run again")
+        holder = device_holder(store, job_id, row["kind"])
+        if holder is not None:
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', message = ?, heartbeat_at = ? WHERE id = ?",
+                (f"waiting for job {holder} to finish: one training job at a time on this device", now(), job_id),
+            )
+            return None
         me = psutil.Process()
         conn.execute(
             "UPDATE jobs SET state = 'running', pid = ?, pid_started = ?, attempts = attempts + 1,"
             " started_at = COALESCE(started_at, ?), heartbeat_at = ?, finished_at = NULL, error = '' WHERE id = ?",
             (me.pid, me.create_time(), now(), now(), job_id),
         )
+    return row
+
+
+def run(job_id: int) -> str:
+    """Body of `python -m workbench run-job ID`: wait for the device if need be, claim the job, run it."""
+    store = Store()
+    while (row := _claim(store, job_id)) is None:
+        if store.one("SELECT cancel_requested_at FROM jobs WHERE id = ?", (job_id,))["cancel_requested_at"]:
+            store.execute(
+                "UPDATE jobs SET state = 'cancelled', message = ?, finished_at = ? WHERE id = ?",
+                ("cancelled while waiting for the device", now(), job_id),
+            )
+            return "cancelled"
+        time.sleep(HEARTBEAT_SECONDS)
     ctx = JobContext(store, job_id, json.loads(row["params"]))
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(job_id, stop), daemon=True)

@@ -209,15 +209,6 @@ def start_sweep(store: Store, config: SweepConfig) -> tuple[int, int]:
 # ---- the job ------------------------------------------------------------------------------------
 
 
-def _generate_and_score(
-    ctx: JobContext, run: runs.Run, backend, tally: generation.Tally, scorer: scoring.ScorerConfig
-) -> None:
-    scoring.score_run(ctx.store, run.id, scorer)  # answers committed before a crash, not yet scored
-    generation.generate_run(
-        ctx, run, backend, tally, on_batch=lambda ids: scoring.score_generations(ctx.store, ids, scorer)
-    )
-
-
 def run_sweep_job(ctx: JobContext) -> None:
     store = ctx.store
     sweep = get_sweep(store, int(ctx.params["sweep_id"]))
@@ -234,7 +225,7 @@ def run_sweep_job(ctx: JobContext) -> None:
         backend = generation.backend_for(store, members[0])
         scoring.warm_up(config.scorer)
         for run in members:
-            _generate_and_score(ctx, run, backend, tally, config.scorer)
+            generation.generate_and_score(ctx, run, backend, tally, config.scorer)
         ctx.progress(tally.done, total, f"sweep {sweep.id}: {len(members)} configurations scored")
     except BackendError as exc:
         raise JobPaused(f"paused: {exc}") from None
@@ -293,7 +284,7 @@ def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
         run = _add_or_find(store, sweep, DecodingParams(**{**config.baseline.to_dict(), **chosen}))
         trial.set_user_attr("run_id", run.id)
         backend = backend or generation.backend_for(store, run)
-        _generate_and_score(ctx, run, backend, tally, config.scorer)
+        generation.generate_and_score(ctx, run, backend, tally, config.scorer)
         return float(scoring.run_scores(store, run.id, scoring.scorer_stamp(config.scorer))["f1"].mean())
 
     remaining = config.trials - finished

@@ -4,10 +4,11 @@ A pair becomes text through core.prompting (the same prompt the evaluation asks)
 covers the answer tokens only, and logits are computed only where there is a label: with
 Gemma 3's 262k-token vocabulary, full-sequence logits would dominate memory. Progress and
 per-step metrics go to the store; a checkpoint each epoch (and on cancel) lets a job resume
-where it stopped. The adapter is saved in the standard PEFT format.
+where it stopped. The adapter is saved in the standard PEFT format. The `train` job runs
+this loop, then core.export (GGUF adapter, merged GGUF + Modelfile), then core.evaluation.
 
-Never merges, quantizes for export or converts to GGUF (that is export's job), never searches
-hyperparameters (Optuna's), and never touches the base model's weights: only LoRA weights train.
+The loop never merges, quantizes for export or converts to GGUF (that is export's job), never
+searches hyperparameters (train_search's), and never touches the base model's weights.
 """
 
 from __future__ import annotations
@@ -18,113 +19,23 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-from core import dataset, models, workspace
+from core import dataset, jobs, runs, workspace
 from core.errors import BadInput
 from core.jobs import JobCancelled, JobContext
-from core.prompting import DEFAULT_TEMPLATE, check_template, render_prompt
+from core.prompting import render_prompt
 from core.store import Store, now
+from core.train_config import ALL_LINEAR, METHODS, TrainConfig  # noqa: F401 - callers find them here too
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("qlora", "lora")
-SCHEDULERS = ("linear", "cosine", "constant")
 IGNORE = -100  # label of a token that carries no loss (prompt and padding)
 MEGA_CHUNK_BATCHES = 50  # length grouping sorts within chunks of this many batches
 CHECKPOINT_SECONDS = 300.0  # besides each epoch's end: a killed run loses at most this much work
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    dataset: str = field(metadata={"help": "dataset whose accepted pairs are trained on"})
-    part: str = _opt("train", "which part of the latest split to train on (eval uses the test part)")
-    method: str = _opt("qlora", "qlora: 4-bit NF4 base weights + LoRA; lora: full-precision base + LoRA")
-    model: str = _opt("", "model folder or hub id; empty uses the embedded Gemma 3 270M checkpoint")
-    lora_r: int = _opt(8, "LoRA rank r: the size of the low-rank update")
-    lora_alpha: float = _opt(16, "LoRA alpha: the update is scaled by alpha / r")
-    lora_dropout: float = _opt(0.05, "dropout on the LoRA input, in [0, 1)")
-    target_modules: tuple[str, ...] = _opt(
-        ("q_proj", "v_proj"), f"module names that get LoRA adapters; all linear layers: {','.join(ALL_LINEAR)}"
-    )
-    learning_rate: float = _opt(2e-4, "peak learning rate of AdamW")
-    scheduler: str = _opt("linear", "learning-rate schedule after warmup: linear, cosine or constant")
-    warmup_ratio: float = _opt(0.05, "share of the optimizer steps spent warming the learning rate up")
-    epochs: int = _opt(1, "passes over the training pairs")
-    batch_size: int = _opt(4, "pairs per forward pass")
-    grad_accum: int = _opt(1, "forward passes per optimizer step (effective batch = batch_size * grad_accum)")
-    max_seq_len: int = _opt(256, "tokens per pair (prompt + answer); longer pairs are cut")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
-    limit: int | None = _opt(None, "use only the first N train and N test pairs")
-    seed: int = _opt(42, "seed for the LoRA initialisation, dropout and batch order")
-    prompt_template: str = _opt(DEFAULT_TEMPLATE, "prompt text; must contain {question}")
-    output_dir: str = _opt("", "where checkpoint, adapter and metrics go; empty: the workspace's artifacts/train-JOB")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BadInput(f"unknown training setting(s): {', '.join(sorted(unknown))}")
-        values = dict(values)
-        if "target_modules" in values:
-            modules = values["target_modules"]
-            values["target_modules"] = tuple(modules.split(",") if isinstance(modules, str) else modules)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def validate(self, store: Store) -> str:
-        """Refuse settings that cannot train (BadInput, one line); returns the resolved model path or id."""
-        checks = [
-            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
-            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"),
-            (self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}"),
-            (self.lora_r >= 1, f"LoRA r must be at least 1, got {self.lora_r}"),
-            (self.lora_alpha > 0, f"LoRA alpha must be > 0, got {self.lora_alpha}"),
-            (0 <= self.lora_dropout < 1, f"LoRA dropout must be in [0, 1), got {self.lora_dropout}"),
-            (0 <= self.warmup_ratio < 1, f"warmup ratio must be in [0, 1), got {self.warmup_ratio}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"gradient accumulation must be at least 1, got {self.grad_accum}"),
-            (self.max_seq_len >= 8, f"max sequence length must be at least 8, got {self.max_seq_len}"),
-            (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
-            (bool(self.target_modules), "give at least one target module"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise BadInput(message)
-        check_template(self.prompt_template)
-        if not dataset.select_pairs(store, self.dataset, self.part, "accepted"):
-            raise BadInput(f"dataset {self.dataset!r} has no accepted pairs in its {self.part} part")
-        path = models.resolve_generator(self.model, "transformers")
-        module_names = _module_names(path)
-        missing = sorted(set(self.target_modules) - module_names)
-        if missing:
-            raise BadInput(f"the model has no module(s) named {', '.join(missing)}")
-        return path
-
-
-def _module_names(path: str) -> set[str]:
-    """Leaf module names of a model, from its config alone (built on the meta device: no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError):
-        raise BadInput(f"no model at {path!r}: neither a checkpoint folder nor a cached hub id") from None
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    return {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules() if name}
 
 
 @dataclass(frozen=True)
@@ -485,14 +396,55 @@ def _log(ctx: JobContext | None, line: str) -> None:
         ctx.log(line)
 
 
+def start_training(store: Store, config: TrainConfig) -> int:
+    """Check the settings (BadInput with the reason, before any process starts), then start the job."""
+    config.validate(store)
+    return jobs.submit(store, "train", config.to_dict())
+
+
 def run_train_job(ctx: JobContext) -> None:
-    """The `train` job kind: params are a TrainConfig as a dict; output defaults to artifacts/train-JOB."""
+    """The `train` job kind: train, export (PEFT, GGUF adapter, merged GGUF), then evaluate the adapter.
+
+    params are a TrainConfig as a dict; output defaults to artifacts/train-JOB. Each stage
+    skips what an earlier attempt finished, so a resumed job picks up where it stopped.
+    """
+    from core import evaluation, export
+
     config = TrainConfig.from_dict(ctx.params)
+    done = ctx.store.one("SELECT done FROM jobs WHERE id = ?", (ctx.job_id,))["done"]
+    ctx.progress(done, None, "loading the model", stage="training")
     result = train(ctx, config, ctx.store)
+    summary = f"train loss {result.train_loss_first:.4f} -> {result.train_loss_last:.4f}"
     ctx.progress(
         result.steps,
         result.steps,
-        f"done: train loss {result.train_loss_first:.4f} -> {result.train_loss_last:.4f}",
+        summary,
+        stage="exporting",
+        output_dir=result.output_dir,
         eval_loss_before=result.eval_loss_before,
         eval_loss_after=result.eval_loss_after,
+    )
+    baseline = evaluation.decoding_params(ctx.store, config.eval_baseline_run)
+    export.export_training(Path(result.output_dir), params=baseline, merged=config.export_merged, progress=ctx.log)
+    ctx.check_cancel()
+    if config.evaluate_with == "none":
+        ctx.progress(result.steps, result.steps, f"done: {summary}", stage="done")
+        return
+    run_id = ctx.figures().get("eval_run_id")
+    if run_id is None:
+        run = evaluation.create_eval_run(
+            ctx.store,
+            evaluation.EvalConfig(
+                train_dir=result.output_dir,
+                backend=config.evaluate_with,
+                baseline_run=config.eval_baseline_run,
+                limit=config.limit,
+            ),
+        )
+        ctx.progress(0, None, f"evaluating: run {run.id}", stage="evaluating", eval_run_id=run.id)
+    else:
+        run = runs.get_run(ctx.store, run_id)
+    f1 = evaluation.evaluate_run(ctx, run)
+    ctx.progress(
+        result.steps, result.steps, f"done: {summary}; run {run.id} mean F1 {f1:.3f}", stage="done", mean_f1=f1
     )

@@ -187,6 +187,56 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return code
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from core import training
+
+    config = training.TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(training.TrainConfig)})
+    with open_workspace(config.dataset) as store:
+        job_id = training.start_training(store, config)
+        print(f"training: job {job_id}")
+        code = follow_or_detach(store, job_id, args.background)
+        if code == 0 and not args.background:
+            _print_training(jobs.get(store, job_id).figures)
+        return code
+
+
+def _print_training(figures: dict) -> None:
+    out = Path(figures["output_dir"])
+    print(f"eval loss {figures.get('eval_loss_before')} -> {figures.get('eval_loss_after')}")
+    if "eval_run_id" in figures:
+        print(f"evaluation: run {figures['eval_run_id']}, mean F1 {figures.get('mean_f1', float('nan')):.4f}")
+    print(f"artifacts in {out / 'export'}:")
+    for path in sorted((out / "export").iterdir()):
+        print(f"  {path.name}")
+    create = out / "export" / "ollama-create.txt"
+    if create.exists():
+        print(f"into Ollama: {create.read_text().strip()}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from core import evaluation
+
+    with open_workspace() as store:
+        if args.run is not None:
+            run = runs.get_run(store, args.run)
+            job_id = jobs.submit(store, "evaluate", {"run_id": run.id})
+        else:
+            config = evaluation.EvalConfig(
+                train_dir=args.adapter,
+                backend=args.backend,
+                baseline_run=args.baseline_run,
+                part=args.split,
+                limit=args.limit,
+                scorer_model=args.scorer or "",
+            )
+            run, job_id = evaluation.start_evaluation(store, config)
+        print(f"evaluation: run {run.id}, job {job_id}")
+        code = follow_or_detach(store, job_id, args.background)
+        if code == 0 and not args.background:
+            print(f"run {run.id}: mean F1 {evaluation.mean_f1(store, run):.4f}")
+        return code
+
+
 def _sweep_rows(frame) -> list[dict]:
     from core.sweep import SWEEPABLE
 
@@ -436,6 +486,46 @@ def build_parser() -> argparse.ArgumentParser:
             type=int if name in INT_PARAMS else float,
             help=f"baseline {name} (default {getattr(DecodingParams(), name)}): " + field_help(DecodingParams, name),
         )
+    p.add_argument("--background", action="store_true", help="return at once with the job id")
+
+    p = command(
+        "train",
+        cmd_train,
+        "Fine-tune LoRA/QLoRA adapters on a dataset's train part, export them (PEFT, GGUF, merged GGUF + "
+        "Modelfile) and evaluate them on the test part as a scored run.",
+    )
+    from core.train_config import TrainConfig
+
+    options: dict[str, dict] = {}
+    for f in fields(TrainConfig):
+        kind = str(f.type)
+        if kind == "bool":
+            options[f.name] = {"action": argparse.BooleanOptionalAction}
+        elif kind.startswith("int"):
+            options[f.name] = {"type": int}
+        elif kind.startswith("float"):
+            options[f.name] = {"type": float}
+        else:
+            options[f.name] = {}
+    options["dataset"] = {"required": True}
+    _add_config_args(p, TrainConfig, options)
+    p.add_argument("--background", action="store_true", help="return at once with the job id")
+
+    p = command(
+        "evaluate",
+        cmd_evaluate,
+        "Answer the test part with base model + a trained adapter and score it as a run (or finish a run).",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--adapter", metavar="PATH", help="training output folder (or its adapter/ folder)")
+    target.add_argument("--run", type=int, metavar="RUN_ID", help="generate and score what an existing run lacks")
+    from core.evaluation import ENGINES, EvalConfig
+
+    p.add_argument("--backend", choices=ENGINES, default="llamacpp", help=field_help(EvalConfig, "backend"))
+    p.add_argument("--baseline-run", type=int, metavar="RUN_ID", help=field_help(EvalConfig, "baseline_run"))
+    p.add_argument("--split", choices=("test", "train", "all"), default="test", help=field_help(EvalConfig, "part"))
+    p.add_argument("--limit", type=int, help=field_help(EvalConfig, "limit"))
+    p.add_argument("--scorer", help=field_help(EvalConfig, "scorer_model"))
     p.add_argument("--background", action="store_true", help="return at once with the job id")
 
     p = command("bench", cmd_bench, "Run one benchmark from tests/benchmarks (`make bench` runs them all).")

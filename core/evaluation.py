@@ -1,0 +1,203 @@
+"""Evaluating a fine-tuned adapter: answers to the test questions from base model + adapter, scored like any run.
+
+The result is an ordinary run (kind `finetuned`, its adapter recorded), so the Compare page
+puts it next to the decoding-only runs. The prompt template is the one the adapter was
+trained with; the decoding parameters are copied from a chosen baseline run, so the
+comparison changes one thing only. By default the embedded llama.cpp engine runs the
+base GGUF with the adapter converted to GGUF (llama.cpp speed); transformers+PEFT runs
+the PEFT adapter directly.
+
+Never trains and never merges weights; a training output folder is only read (apart
+from the GGUF adapter, which is converted into its export folder when first needed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from core import generation, jobs, models, runs, scoring
+from core.decoding import DecodingParams
+from core.errors import BackendError, BadInput
+from core.jobs import JobContext, JobPaused
+from core.store import Store
+
+ENGINES = ("llamacpp", "transformers")
+RUN_KIND = "finetuned"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    train_dir: str = field(metadata={"help": "training output folder (it holds adapter/ and train_config.json)"})
+    backend: str = field(
+        default="llamacpp",
+        metadata={"help": "llamacpp: base GGUF + GGUF adapter (fast); transformers: base checkpoint + PEFT adapter"},
+    )
+    baseline_run: int | None = field(
+        default=None, metadata={"help": "copy the decoding parameters of this run; empty: greedy decoding"}
+    )
+    part: str = field(default="test", metadata={"help": "which part of the latest split to answer"})
+    limit: int | None = field(default=None, metadata={"help": "answer only the first N questions"})
+    base_gguf: str = field(
+        default="", metadata={"help": "base model as GGUF for llamacpp; empty: the embedded GGUF (embedded base only)"}
+    )
+    scorer_model: str = field(default="", metadata={"help": "BERTScore model; empty uses the embedded MiniLM"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def scorer(self) -> scoring.ScorerConfig:
+        return scoring.ScorerConfig(model=self.scorer_model)
+
+
+def train_settings(train_dir: str | Path) -> dict[str, Any]:
+    """The settings a training output folder was made with (its train_config.json)."""
+    path = Path(train_dir)
+    if (path / "adapter_config.json").exists() and (path.parent / "train_config.json").exists():
+        path = path.parent  # the adapter folder itself was given
+    config_file = path / "train_config.json"
+    if not (path / "adapter" / "adapter_config.json").exists() or not config_file.exists():
+        raise BadInput(f"{path} is not a finished training run (no adapter/ and train_config.json)")
+    return {**json.loads(config_file.read_text()), "train_dir": str(path)}
+
+
+def gguf_adapter_path(train_dir: str | Path) -> Path:
+    return Path(train_dir) / "export" / "adapter.gguf"
+
+
+def _base_gguf(config: EvalConfig, trained: dict[str, Any]) -> str:
+    if config.base_gguf:
+        return config.base_gguf
+    if Path(trained["resolved_model"]).resolve() == models.hf_checkpoint_dir().resolve():
+        return str(models.gguf_path())
+    raise BadInput(
+        "the adapter was trained on a model other than the embedded one: give its GGUF as base_gguf, "
+        "or evaluate with the transformers engine"
+    )
+
+
+def decoding_params(store: Store, baseline_run: int | None) -> DecodingParams:
+    if baseline_run is None:
+        return DecodingParams(temperature=0.0)
+    return runs.get_run(store, baseline_run).params
+
+
+def create_eval_run(store: Store, config: EvalConfig) -> runs.Run:
+    """Check everything and record the run (nothing is generated yet); refuses bad settings with BadInput."""
+    if config.backend not in ENGINES:
+        raise BadInput(f"evaluation engine must be one of {', '.join(ENGINES)}, got {config.backend!r}")
+    trained = train_settings(config.train_dir)
+    train_dir = Path(trained["train_dir"])
+    if config.backend == "llamacpp":
+        model, adapter = _base_gguf(config, trained), str(gguf_adapter_path(train_dir))
+    else:
+        model, adapter = trained["resolved_model"], str(train_dir / "adapter")
+    config = replace(config, train_dir=str(train_dir))
+    spec = runs.RunSpec(
+        dataset=trained["dataset"],
+        backend=config.backend,
+        model=model,
+        params=decoding_params(store, config.baseline_run),
+        part=config.part,
+        kind=RUN_KIND,
+        adapter=adapter,
+        prompt_template=trained["prompt_template"],
+        label=f"{trained['method']} r={trained['lora_r']} lr={trained['learning_rate']:g} ({train_dir.name})",
+        limit=config.limit,
+        backend_options={},
+        scorer=scoring.scorer_stamp(config.scorer),
+    )
+    run_id = runs.create_run(store, spec)
+    store.execute(
+        "UPDATE runs SET config = json_set(config, '$.evaluation', json(?)) WHERE id = ?",
+        (json.dumps(config.to_dict()), run_id),
+    )
+    return runs.get_run(store, run_id)
+
+
+def ensure_gguf_adapter(run: runs.Run, log=print) -> None:
+    """Convert the PEFT adapter to GGUF for llama.cpp when the run needs it and it is not there yet."""
+    if run.backend != "llamacpp" or Path(run.adapter).exists():
+        return
+    from core import export
+
+    train_dir = Path(run.adapter).parent.parent
+    trained = train_settings(train_dir)
+    log("converting the adapter to GGUF for llama.cpp ...")
+    export.adapter_to_gguf(train_dir / "adapter", Path(trained["resolved_model"]), Path(run.adapter))
+
+
+def evaluate_run(ctx: JobContext, run: runs.Run) -> float:
+    """Generate the run's missing answers and score them; returns the run's mean F1."""
+    evaluation = EvalConfig.from_dict(run.config.get("evaluation") or {"train_dir": ""})
+    ensure_gguf_adapter(run, ctx.log)
+    scorer = evaluation.scorer
+    total = generation.total_items(ctx.store, run)
+    tally = generation.Tally(total=total, done=total - len(generation.pending_items(ctx.store, run)))
+    try:
+        backend = generation.backend_for(ctx.store, run)
+        generation.generate_and_score(ctx, run, backend, tally, scorer)
+    except BackendError as exc:
+        raise JobPaused(f"paused: {exc}") from None
+    return mean_f1(ctx.store, run)
+
+
+def mean_f1(store: Store, run: runs.Run) -> float:
+    scores = scoring.run_scores(store, run.id, run.scorer or None)
+    if scores.empty:
+        raise BadInput(f"run {run.id} has no scored answers")
+    return float(scores["f1"].mean())
+
+
+class QuietContext(JobContext):
+    """A context for evaluating inside another process's work (an Optuna trial): no progress rows, no log."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store, job_id=0, params={})
+
+    def progress(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log(self, line: str) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def evaluate_training(
+    store: Store,
+    train_dir: str | Path,
+    backend: str = "llamacpp",
+    limit: int | None = None,
+    baseline_run: int | None = None,
+    ctx: JobContext | None = None,
+) -> runs.Run:
+    """Create and fill an evaluation run in this process (training jobs and Optuna trials call this)."""
+    run = create_eval_run(
+        store, EvalConfig(train_dir=str(train_dir), backend=backend, limit=limit, baseline_run=baseline_run)
+    )
+    evaluate_run(ctx or QuietContext(store), run)
+    return runs.get_run(store, run.id)
+
+
+def start_evaluation(store: Store, config: EvalConfig) -> tuple[runs.Run, int]:
+    """Record the evaluation run (refusing bad settings first) and start its job."""
+    run = create_eval_run(store, config)
+    job_id = jobs.submit(store, "evaluate", {"run_id": run.id})
+    store.execute("UPDATE runs SET job_id = ? WHERE id = ?", (job_id, run.id))
+    return run, job_id
+
+
+def run_evaluate_job(ctx: JobContext) -> None:
+    """The `evaluate` job kind: params {"run_id": N}; resuming generates and scores only what is missing."""
+    run = runs.get_run(ctx.store, int(ctx.params["run_id"]))
+    f1 = evaluate_run(ctx, run)
+    ctx.progress(generation.total_items(ctx.store, run), None, f"run {run.id}: mean F1 {f1:.3f}", mean_f1=f1)

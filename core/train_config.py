@@ -1,0 +1,115 @@
+"""What a fine-tuning run is asked to do: TrainConfig, its checks, and the names it accepts.
+
+Kept apart from core.training so that the CLI and the pages can build their forms from
+these fields without loading torch. Never trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from core import dataset, models
+from core.errors import BadInput
+from core.prompting import DEFAULT_TEMPLATE, check_template
+from core.store import Store
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("qlora", "lora")
+SCHEDULERS = ("linear", "cosine", "constant")
+EVAL_ENGINES = ("llamacpp", "transformers", "none")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = field(metadata={"help": "dataset whose accepted pairs are trained on"})
+    part: str = _opt("train", "which part of the latest split to train on (eval uses the test part)")
+    method: str = _opt("qlora", "qlora: 4-bit NF4 base weights + LoRA; lora: full-precision base + LoRA")
+    model: str = _opt("", "model folder or hub id; empty uses the embedded Gemma 3 270M checkpoint")
+    lora_r: int = _opt(8, "LoRA rank r: the size of the low-rank update")
+    lora_alpha: float = _opt(16, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input, in [0, 1)")
+    target_modules: tuple[str, ...] = _opt(
+        ("q_proj", "v_proj"), f"module names that get LoRA adapters; all linear layers: {','.join(ALL_LINEAR)}"
+    )
+    learning_rate: float = _opt(2e-4, "peak learning rate of AdamW")
+    scheduler: str = _opt("linear", "learning-rate schedule after warmup: linear, cosine or constant")
+    warmup_ratio: float = _opt(0.05, "share of the optimizer steps spent warming the learning rate up")
+    epochs: int = _opt(1, "passes over the training pairs")
+    batch_size: int = _opt(4, "pairs per forward pass")
+    grad_accum: int = _opt(1, "forward passes per optimizer step (effective batch = batch_size * grad_accum)")
+    max_seq_len: int = _opt(256, "tokens per pair (prompt + answer); longer pairs are cut")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
+    limit: int | None = _opt(None, "use only the first N train and N test pairs")
+    seed: int = _opt(42, "seed for the LoRA initialisation, dropout and batch order")
+    prompt_template: str = _opt(DEFAULT_TEMPLATE, "prompt text; must contain {question}")
+    output_dir: str = _opt("", "where checkpoint, adapter and metrics go; empty: the workspace's artifacts/train-JOB")
+    evaluate_with: str = _opt(
+        "llamacpp", "after training, answer the test part with base + adapter on: llamacpp, transformers or none"
+    )
+    eval_baseline_run: int | None = _opt(None, "evaluation copies this run's decoding parameters; empty: greedy")
+    export_merged: bool = _opt(True, "also merge the adapter into the base and write a Q8_0 GGUF with a Modelfile")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise BadInput(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        values = dict(values)
+        if "target_modules" in values:
+            modules = values["target_modules"]
+            values["target_modules"] = tuple(modules.split(",") if isinstance(modules, str) else modules)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self, store: Store) -> str:
+        """Refuse settings that cannot train (BadInput, one line); returns the resolved model path or id."""
+        checks = [
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"),
+            (self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}"),
+            (self.lora_r >= 1, f"LoRA r must be at least 1, got {self.lora_r}"),
+            (self.lora_alpha > 0, f"LoRA alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"LoRA dropout must be in [0, 1), got {self.lora_dropout}"),
+            (0 <= self.warmup_ratio < 1, f"warmup ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"gradient accumulation must be at least 1, got {self.grad_accum}"),
+            (self.max_seq_len >= 8, f"max sequence length must be at least 8, got {self.max_seq_len}"),
+            (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
+            (bool(self.target_modules), "give at least one target module"),
+            (self.evaluate_with in EVAL_ENGINES, f"evaluate_with must be one of {', '.join(EVAL_ENGINES)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInput(message)
+        check_template(self.prompt_template)
+        if not dataset.select_pairs(store, self.dataset, self.part, "accepted"):
+            raise BadInput(f"dataset {self.dataset!r} has no accepted pairs in its {self.part} part")
+        path = models.resolve_generator(self.model, "transformers")
+        module_names = _module_names(path)
+        missing = sorted(set(self.target_modules) - module_names)
+        if missing:
+            raise BadInput(f"the model has no module(s) named {', '.join(missing)}")
+        return path
+
+
+def _module_names(path: str) -> set[str]:
+    """Leaf module names of a model, from its config alone (built on the meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):
+        raise BadInput(f"no model at {path!r}: neither a checkpoint folder nor a cached hub id") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules() if name}
