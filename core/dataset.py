@@ -139,7 +139,10 @@ def import_file(store: Store, path: str | Path, dataset: str | None = None, stat
 
 
 def ensure_starter(store: Store) -> ImportSummary | None:
-    """Import the shipped starter dataset on a workspace's first run (never again, even if deleted)."""
+    """Import the shipped starter dataset on a workspace's first run (never again, even if deleted).
+
+    It arrives split 80/20 (seed 42), as in the study, so a first sweep or training run needs no setup.
+    """
     if store.get_setting("starter_imported"):
         return None
     parsed = formats.read_pairs(STARTER_FILE)
@@ -155,6 +158,7 @@ def ensure_starter(store: Store) -> ImportSummary | None:
             provenance={"import": str(STARTER_FILE)},
         )
         store.set_setting("starter_imported", True)
+        make_split(store, STARTER_NAME)
     from core import quality  # after the commit: loading the embedding model must not hold the write lock
 
     quality.flag_dataset(store, STARTER_NAME)

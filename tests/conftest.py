@@ -67,7 +67,6 @@ def starter(store):
     from core import dataset
 
     dataset.ensure_starter(store)
-    dataset.make_split(store, "starter")
     return store
 
 

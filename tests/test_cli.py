@@ -54,7 +54,7 @@ def test_import_reports_added_and_skipped_rows(tmp_path):
 
 def test_split_then_export_each_part(tmp_path):
     result = run_cli("split", "--dataset", "starter", "--test-size", "0.2", "--seed", "3")
-    assert result.returncode == 0 and "split v1" in result.stdout
+    assert result.returncode == 0 and "split v2" in result.stdout  # v1 came with the starter dataset
     sizes = {}
     for part in ("train", "test"):
         out = tmp_path / f"{part}.jsonl"
@@ -70,7 +70,10 @@ def test_bad_flags_exit_2_without_traceback():
     for args in (
         ["split", "--dataset", "nope"],
         ["split", "--dataset", "starter", "--test-size", "1.5"],
-        ["export", "--dataset", "starter", "--split", "test", "-o", "/tmp/x.jsonl"],
+        ["export", "--dataset", "nope", "--split", "test", "-o", "/tmp/x.jsonl"],
+        ["train", "--dataset", "starter", "--learning-rate", "0"],
+        ["train", "--dataset", "starter", "--lora-r", "0"],
+        ["evaluate", "--adapter", "/nowhere"],
         ["import"],
         ["resume", "999"],
     ):

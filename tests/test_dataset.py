@@ -12,6 +12,8 @@ from core.errors import BadInput, NotFound
 def test_the_starter_dataset_is_imported_once_on_first_run(store):
     summary = dataset.ensure_starter(store)
     assert summary.dataset == "starter" and summary.added >= 100
+    split = dataset.latest_split(store, "starter")  # split 80/20 as in the study, ready to sweep or train
+    assert (split.version, split.seed, split.test_size) == (1, 42, 0.2)
     assert dataset.ensure_starter(store) is None
     assert dataset.status_counts(store, "starter")["accepted"] == summary.added
 
@@ -81,7 +83,7 @@ def test_a_split_is_stratified_by_field_and_seeded(store):
     all_fields = {p.field for p in dataset.select_pairs(store, "starter")}
     assert {p.field for p in test_pairs} == all_fields  # every field is evaluated
     again = dataset.make_split(store, "starter", 0.2, seed=7)
-    assert again.version == 2
+    assert again.version == first.version + 1
     assert [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=again.id)] == [
         p.id for p in test_pairs
     ]
@@ -93,7 +95,7 @@ def test_earlier_split_versions_stay_frozen(store):
     v1_test = [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=v1.id)]
     dataset.make_split(store, "starter", seed=2)
     assert [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=v1.id)] == v1_test
-    assert dataset.latest_split(store, "starter").version == 2
+    assert dataset.latest_split(store, "starter").version == v1.version + 1
 
 
 def test_splitting_needs_accepted_pairs(store):
