@@ -37,6 +37,7 @@ JOB_KINDS: dict[str, str] = {
     "generate-qa": "core.qa_generation:run_generate_qa_job",
     "sweep": "core.sweep:run_sweep_job",
     "train": "core.training:run_train_job",
+    "train-search": "core.train_search:run_train_search_job",
     "evaluate": "core.evaluation:run_evaluate_job",
 }
 

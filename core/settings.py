@@ -13,6 +13,8 @@ from core.errors import BadInput
 from core.store import Store
 
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+# Databases SQLAlchemy (Optuna's RDB storage) can share one study through, across machines.
+OPTUNA_STORAGE_SCHEMES = ("postgresql://", "postgresql+", "mysql://", "mysql+", "sqlite:///")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,13 @@ class WorkbenchSettings:
             "help": "BERTScore model replacing all-MiniLM-L6-v2: a local folder or hub id such as bert-base-uncased."
         },
     )
+    optuna_storage: str = field(
+        default="",
+        metadata={
+            "help": "Optuna storage URL for hyperparameter searches whose workers run on several machines, "
+            "e.g. postgresql://user:password@host/db; empty keeps each study in the workbench's own SQLite file."
+        },
+    )
 
     @property
     def effective_ollama_host(self) -> str:
@@ -58,6 +67,9 @@ def validate(values: WorkbenchSettings) -> WorkbenchSettings:
     gguf = values.generator_gguf.strip()
     if gguf and not Path(gguf).expanduser().is_file():
         raise BadInput(f"no GGUF file at {gguf}")
+    storage = values.optuna_storage.strip()
+    if storage and not storage.startswith(OPTUNA_STORAGE_SCHEMES):
+        raise BadInput(f"Optuna storage should be a URL such as postgresql://user@host/db, got {storage!r}")
     for name in ("generator_model", "scorer_model"):
         value = getattr(values, name).strip()
         if value.startswith(("/", "~", ".")) and not Path(value).expanduser().exists():

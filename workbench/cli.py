@@ -188,10 +188,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from core import training
+    from core import train_search, training
 
     config = training.TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(training.TrainConfig)})
     with open_workspace(config.dataset) as store:
+        if args.from_search is not None:
+            config = train_search.final_config(store, args.from_search)
+            print(f"best parameters of search job {args.from_search}: {train_search.best_params(store, args.from_search)}")
+        elif args.trials:
+            search = train_search.SearchConfig(
+                base=config.to_dict(),
+                trials=args.trials,
+                workers=args.workers,
+                objective=args.objective,
+                space=train_search.SearchSpace.parse(args.space),
+            )
+            search_id = train_search.start_search(store, search)
+            print(f"hyperparameter search: job {search_id} ({args.trials} trials, {args.workers} worker(s))")
+            code = follow_or_detach(store, search_id, args.background)
+            if code != 0 or args.background:
+                return code
+            _print_rows(train_search.study_trials(store, search_id).drop(columns="output_dir").to_dict("records"), False)
+            config = train_search.final_config(store, search_id)
+            print(f"final training with the best parameters: {train_search.best_params(store, search_id)}")
         job_id = training.start_training(store, config)
         print(f"training: job {job_id}")
         code = follow_or_detach(store, job_id, args.background)
@@ -509,6 +528,24 @@ def build_parser() -> argparse.ArgumentParser:
             options[f.name] = {}
     options["dataset"] = {"required": True}
     _add_config_args(p, TrainConfig, options)
+    from core.train_search import SearchConfig
+
+    search = p.add_argument_group("hyperparameter search (Optuna; then the final training with the best trial's settings)")
+    search.add_argument("--trials", type=int, default=0, help="search first: " + field_help(SearchConfig, "trials"))
+    search.add_argument("--workers", type=int, default=1, help=field_help(SearchConfig, "workers"))
+    search.add_argument(
+        "--objective", choices=("eval_loss", "bertscore"), default="eval_loss", help=field_help(SearchConfig, "objective")
+    )
+    search.add_argument(
+        "--space",
+        default="",
+        help="ranges to search, e.g. 'learning_rate=1e-5,1e-3 lora_r=4,8,16 lora_alpha=8,16,32 lora_dropout=0,0.1 "
+        "epochs=1,3' (low,high for learning_rate, lora_dropout and epochs; choices for r and alpha); "
+        "unnamed ones keep these defaults",
+    )
+    search.add_argument(
+        "--from-search", type=int, metavar="JOB", help="skip the search: train with search job JOB's best parameters"
+    )
     p.add_argument("--background", action="store_true", help="return at once with the job id")
 
     p = command(
