@@ -125,8 +125,17 @@ def load_model(config: TrainConfig, path: str):
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": _device().type}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config.method == "qlora" and not cuda and Path(path).is_dir():
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+        model = model_class.from_pretrained(None, config=model_config, state_dict=_read_weights(path), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if config.method == "qlora":
+        _keep_4bit_layers_differentiable(model)
         model = peft.prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=config.gradient_checkpointing,
@@ -149,22 +158,103 @@ def load_model(config: TrainConfig, path: str):
     return peft.get_peft_model(model, lora), tokenizer
 
 
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A local checkpoint's tensors read with pread into memory of their own, not memory-mapped.
+
+    from_pretrained maps the safetensors file and leaves the unquantized weights (embedding,
+    norms) as views of it, so the whole fp32 file stays mapped and, once read, resident. For a
+    4-bit CPU run that is most of the memory: on Gemma 3 270M, 1.9 GB resident after the first
+    step instead of 1.2 GB.
+    """
+    from safetensors import safe_open
+
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as reader:
+            weights.update({name: reader.get_tensor(name) for name in reader.keys()})
+    return weights
+
+
+def _keep_4bit_layers_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    It repacks on the first no-grad forward in eval mode (our eval loss before training), for
+    good: later training forwards then run that kernel, which has no backward, and the gradient
+    stops at every quantized layer without an error. The plain 4-bit path is differentiable.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+LOSS_CHUNK_ROWS = 64  # answer tokens whose vocabulary-wide logits exist at once (64 x 262k fp32 = 67 MB)
+
+
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled (answer) tokens, the same as `model(labels=...).loss`.
 
     The transformer body gives hidden states; only the rows that predict a labelled token go
-    through lm_head, so the (tokens x vocabulary) logits are answer-sized, not sequence-sized.
+    through lm_head, and those in chunks of LOSS_CHUNK_ROWS, so the (tokens x vocabulary)
+    logits never exist for more than one chunk at a time (see _ChunkedHeadLoss).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     hidden = hidden.last_hidden_state[:, :-1]  # position t predicts token t + 1
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = base.get_output_embeddings()(hidden[keep]).float()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2 squashes logits before the softmax; the model's own loss does too
-        logits = torch.tanh(logits / cap) * cap
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
+    head = base.get_output_embeddings()
+    cap = float(getattr(base.config, "final_logit_softcapping", None) or 0.0)
+    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+        return _ChunkedHeadLoss.apply(hidden[keep], head.weight, targets[keep], cap)
+    logits = head(hidden[keep]).float()  # a trained or unusual head: plain autograd, full answer logits
+    return torch.nn.functional.cross_entropy(_softcap(logits, cap), targets[keep])
+
+
+def _softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma 2/3 squash logits before the softmax (cap * tanh(x / cap)); the model's own loss does too."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Cross-entropy of (hidden @ W.T) over chunks of rows, with the gradient of hidden computed on the way.
+
+    Autograd would keep every chunk's logits alive until the backward pass; here each chunk's
+    softmax gradient is folded into d(loss)/d(hidden) at once and the logits are dropped, so
+    peak memory is one chunk's logits whatever the number of answer tokens. W (the tied
+    embedding) is frozen in LoRA training, so no gradient for it is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cap):
+        rows = hidden.shape[0]
+        need_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, LOSS_CHUNK_ROWS):
+            h, t = hidden[start : start + LOSS_CHUNK_ROWS], targets[start : start + LOSS_CHUNK_ROWS]
+            logits = (h @ weight.T).float()
+            squashed = logits.div_(cap).tanh_() if cap else None  # Gemma's softcap, in place
+            if cap:
+                logits = squashed * cap
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            total += (lse - picked).sum()
+            if need_grad:
+                grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+                grad[torch.arange(len(t), device=t.device), t] -= 1
+                if cap:  # d/dx of cap * tanh(x / cap) is 1 - tanh(x / cap)^2
+                    grad.mul_(squashed.square_().neg_().add_(1))
+                grad_hidden[start : start + LOSS_CHUNK_ROWS] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+        if need_grad:
+            ctx.save_for_backward(grad_hidden.div_(rows))
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss, None, None, None
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -394,6 +484,16 @@ def _record(ctx: JobContext | None, store: Store, step: int, epoch: float, metri
 def _log(ctx: JobContext | None, line: str) -> None:
     if ctx is not None:
         ctx.log(line)
+
+
+def metrics_frame(store: Store, job_id: int):
+    """Every figure a training job recorded: columns step, epoch, name, value (the loss curve's data)."""
+    import pandas as pd
+
+    rows = store.query(
+        "SELECT step, epoch, name, value FROM training_metrics WHERE job_id = ? ORDER BY step, id", (job_id,)
+    )
+    return pd.DataFrame([dict(r) for r in rows], columns=["step", "epoch", "name", "value"])
 
 
 def start_training(store: Store, config: TrainConfig) -> int:

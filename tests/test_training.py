@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from core import dataset
+from core import dataset, training
 from core.errors import BadInput
 from core.jobs import JobCancelled, JobContext
 from core.prompting import DEFAULT_TEMPLATE, render_prompt
@@ -94,16 +94,40 @@ def test_collate_pads_dynamically_and_length_grouping_cuts_padding(starter, toke
     assert padding(grouped) < padding(at_random) / 2
 
 
-def test_answer_loss_equals_the_full_loss(starter, tiny_llama, tmp_path):
+def test_answer_loss_equals_the_full_loss_and_gives_the_same_gradients(starter, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "LOSS_CHUNK_ROWS", 7)  # several chunks, the last one short
     config = _config(tiny_llama, tmp_path, lora_dropout=0.0)
     model, tokenizer = load_model(config, str(tiny_llama))
     pairs = dataset.select_pairs(starter, "starter", "train")[:4]
     batch = collate(build_examples(tokenizer, pairs, DEFAULT_TEMPLATE, 96), tokenizer.pad_token_id)
     model.eval()
-    with torch.no_grad():
-        full = model(**batch).loss
-        ours = answer_loss(model, batch)
-    assert abs(full.item() - ours.item()) < 1e-4
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in trained]
+
+    full, full_grads = loss_and_grads(lambda: model(**batch).loss)
+    ours, our_grads = loss_and_grads(lambda: answer_loss(model, batch))
+    assert abs(full - ours) < 1e-4
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(full_grads, our_grads, strict=True))
+
+
+@pytest.mark.parametrize("cap", [0.0, 30.0])
+def test_the_chunked_head_loss_matches_autograd_with_and_without_softcapping(cap, monkeypatch):
+    monkeypatch.setattr(training, "LOSS_CHUNK_ROWS", 4)
+    torch.manual_seed(0)
+    weight = torch.randn(50, 8) * 3  # large logits, so the softcap bends them
+    hidden = torch.randn(10, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (10,))
+    ours = training._ChunkedHeadLoss.apply(hidden, weight, targets, cap)
+    (our_grad,) = torch.autograd.grad(ours, hidden)
+    reference = torch.nn.functional.cross_entropy(training._softcap(hidden @ weight.T, cap), targets)
+    (reference_grad,) = torch.autograd.grad(reference, hidden)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert torch.allclose(our_grad, reference_grad, atol=1e-6)
 
 
 def test_one_lora_epoch_learns_and_the_adapter_reloads(starter, tiny_llama, tmp_path, monkeypatch):
@@ -190,6 +214,28 @@ def test_qlora_runs_a_step_on_cpu(starter, tiny_llama_64, tmp_path, monkeypatch)
     [(model, _)] = loaded
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     print(f"\nqlora (4-bit base on CPU): 1 step + 2 evals in {seconds:.1f} s")
+
+
+def test_qlora_gradients_reach_every_layer_even_after_an_evaluation_pass(starter, tiny_llama_64, tmp_path):
+    """bitsandbytes repacks 4-bit weights for a faster CPU kernel on its first no-grad forward in eval
+    mode (on CPUs with AVX512-BF16); that kernel has no backward, so the gradient would stop at every
+    quantized layer. Training must see the same gradients with or without an evaluation first."""
+    config = _config(tiny_llama_64, tmp_path, method="qlora", lora_dropout=0.0)
+    pairs = dataset.select_pairs(starter, "starter", "train")[:4]
+
+    def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        model, tokenizer = load_model(config, str(tiny_llama_64))
+        examples = build_examples(tokenizer, pairs, DEFAULT_TEMPLATE, 64)
+        if evaluate_first:
+            training.eval_loss(model, examples, 4, tokenizer.pad_token_id)
+        answer_loss(model, collate(examples, tokenizer.pad_token_id)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, evaluated = gradients(False), gradients(True)
+    first_layer = [n for n in fresh if ".layers.0." in n and "lora_B" in n]
+    assert first_layer and all(fresh[n].abs().sum() > 0 for n in first_layer)
+    for name, grad in fresh.items():
+        assert torch.allclose(grad, evaluated[name], rtol=1e-3, atol=1e-6), name
 
 
 @pytest.mark.parametrize(
