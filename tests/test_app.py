@@ -13,6 +13,7 @@ PAGES = [
     "../pages/settings.py",
     "../pages/playground.py",
     "../pages/sweep.py",
+    "../pages/training.py",
     "../pages/compare.py",
 ]
 
@@ -45,9 +46,9 @@ def test_the_dataset_page_draws_a_split_and_offers_exports(app):
     assert [m.label for m in app.metric] == ["Pending", "Accepted", "Rejected", "Split"]
     next(b for b in app.button if b.label == "Draw a new split").click().run()
     assert not app.exception
-    assert any("split v1" in s.value for s in app.success)
+    assert any("split v2" in s.value for s in app.success)  # v1 came with the starter dataset
     with Store() as store:
-        assert dataset.latest_split(store, "starter").version == 1
+        assert dataset.latest_split(store, "starter").version == 2
 
 
 def test_the_dataset_page_filters_by_text(app):
@@ -198,3 +199,40 @@ def test_the_sweep_page_starts_a_sweep_and_shows_its_results(app):
     app.run()
     assert not app.exception
     assert any("mean F1 by temperature" in str(c.proto.spec) for c in app.get("plotly_chart"))
+
+
+def start_training_with(app: AppTest, **values) -> str:
+    """Fill the training form (widgets by label, or by key for those both forms have) and press Start."""
+    open_page(app, "../pages/training.py")
+    for label, value in values.items():
+        widgets = [w for kind in ("number_input", "text_input", "selectbox") for w in app.get(kind)]
+        next(w for w in widgets if label in (w.label, w.key)).set_value(value)
+    click(app, "Start training")
+    return " ".join(e.value.replace("\\", "") for e in app.error)  # banners escape Markdown
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ({"Learning rate": 0.0}, "learning rate must be > 0"),
+        ({"LoRA r": 0}, "LoRA r must be at least 1"),
+        ({"train-model": "/no/such/model"}, "no model at '/no/such/model'"),
+        (
+            {"train-preset": "custom", "train-custom": "q_proj,no_such_proj"},
+            "the model has no module(s) named no_such_proj",
+        ),
+    ],
+)
+def test_the_training_form_refuses_bad_settings_with_the_reason_before_any_job_starts(app, values, reason):
+    assert reason in start_training_with(app, **values)
+    with Store() as store:
+        assert jobs.list_jobs(store, kind="train") == []
+
+
+def test_the_search_form_refuses_an_empty_range(app):
+    open_page(app, "../pages/training.py")
+    next(n for n in app.number_input if n.key == "lr-lo").set_value(1e-2)
+    click(app, "Start search")
+    assert any("learning rate range is empty" in e.value.replace("\\", "") for e in app.error)
+    with Store() as store:
+        assert jobs.list_jobs(store, kind="train-search") == []

@@ -6,6 +6,7 @@ temporary folder.
 
 import os
 import re
+import sqlite3
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ PAGES = {
     "dataset": "dataset",
     "playground": "playground",
     "sweep": "sweep",
+    "training": "training",
     "compare": "compare",
     "jobs": "jobs",
     "settings": "settings",
@@ -48,7 +50,10 @@ def test_each_page_works_in_a_real_browser(app_server, page, shots_dir, name):
     heading = page.locator("h1").first.inner_text()
     assert heading.lower().startswith(name if name != "overview" else "qa tuning")
     nav = page.locator("[data-testid='stSidebarNav']").inner_text()
-    assert all(label in nav for label in ("Overview", "Dataset", "Playground", "Sweep", "Compare", "Jobs", "Settings"))
+    assert all(
+        label in nav
+        for label in ("Overview", "Dataset", "Playground", "Sweep", "Training", "Compare", "Jobs", "Settings")
+    )
 
     page.screenshot(path=str(shots_dir / f"{name}.png"), full_page=False)
 
@@ -85,7 +90,6 @@ def choose(page, label: str, option: str) -> None:
 
 
 def test_review_in_the_browser_survives_a_reload_then_splits_and_exports(app_server, page, tmp_path):
-    import sqlite3
 
     datasets = pytest.importorskip("datasets")
     rows = "\n".join(
@@ -143,7 +147,6 @@ def test_review_in_the_browser_survives_a_reload_then_splits_and_exports(app_ser
 
 def test_table_cell_edits_and_bulk_actions_are_saved(app_server, page):
     """The data grid is drawn on a canvas: cells are reached by position (fixed viewport, fixed column widths)."""
-    import sqlite3
 
     page.goto(f"{app_server.url}/dataset?dataset=starter")
     wait_for_streamlit(page)
@@ -214,7 +217,6 @@ def test_a_small_sweep_started_in_the_browser_shows_its_histogram(app_server, pa
 
 
 def test_compare_two_runs_then_rate_three_blind_pairs_that_survive_a_reload(app_server, page):
-    import sqlite3
 
     from tests.conftest import run_cli
 
@@ -279,3 +281,36 @@ def test_compare_two_runs_then_rate_three_blind_pairs_that_survive_a_reload(app_
     page.get_by_role("textbox", name="Your name").press("Enter")
     wait_for_streamlit(page)
     page.get_by_text("97 left to rate").wait_for(timeout=30_000)
+
+
+def _step(page) -> int:
+    tile = page.locator("[data-testid='stMetric']").filter(has_text="Step").first
+    return int(tile.locator("[data-testid='stMetricValue']").inner_text())
+
+
+def test_training_started_from_the_button_draws_a_growing_loss_curve_then_cancels(app_server, page, tiny_llama):
+    page.goto(f"{app_server.url}/training")
+    wait_for_streamlit(page)
+    page.get_by_role("textbox", name="Base model").first.fill(str(tiny_llama))
+    page.get_by_role("spinbutton", name="Epochs").first.fill("5")
+    page.get_by_role("spinbutton", name="Batch size").first.fill("1")
+    click_button(page, "Start training")
+    page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+    page.locator("[data-testid='stMetric']").filter(has_text="Step").first.wait_for(timeout=60_000)
+    first = _step(page)
+    deadline = time.monotonic() + 60
+    while _step(page) <= first + 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(500)
+    assert _step(page) > first + 2  # the curve is redrawn as steps arrive
+    assert "train loss" in page.locator(".js-plotly-plot").first.inner_text()
+
+    click_button(page, "Cancel")
+    page.get_by_text("cancelled").first.wait_for(timeout=60_000)
+    with sqlite3.connect(app_server.home / "workbench.sqlite") as db:
+        [(stopped,)] = db.execute("SELECT MAX(step) FROM training_metrics WHERE name = 'train_loss'").fetchall()
+    page.reload()  # the run, its curve and its state come back from the store
+    wait_for_streamlit(page)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+    assert _step(page) == stopped and page.get_by_text("cancelled").first.is_visible()
+    assert page.get_by_role("button", name=re.compile("Resume")).first.is_visible()
+    assert not page.query_selector("[data-testid='stException']")

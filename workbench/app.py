@@ -23,6 +23,7 @@ navigation = st.navigation(
             st.Page(PAGES_DIR / "dataset.py", title="Dataset", icon=":material/table_view:"),
             st.Page(PAGES_DIR / "playground.py", title="Playground", icon=":material/tune:"),
             st.Page(PAGES_DIR / "sweep.py", title="Sweep", icon=":material/grid_view:"),
+            st.Page(PAGES_DIR / "training.py", title="Training", icon=":material/model_training:"),
             st.Page(PAGES_DIR / "compare.py", title="Compare", icon=":material/compare_arrows:"),
         ],
         "System": [

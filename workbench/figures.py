@@ -164,3 +164,106 @@ def score_boxes(scores: Mapping[str, Sequence[float]], metric: str = "F1", kind:
         fig.add_trace(trace)
     fig.update_layout(yaxis_title=metric, showlegend=False)
     return _layout(fig, 360)
+
+
+def loss_curve(metrics) -> go.Figure:
+    """Training loss per optimizer step, eval loss per epoch (markers), learning rate on a second axis.
+
+    `metrics` has columns step, epoch, name, value (one row per recorded figure).
+    """
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    train = metrics[metrics["name"] == "train_loss"].sort_values("step")
+    evals = metrics[metrics["name"] == "eval_loss"].sort_values("step")
+    lr = metrics[metrics["name"] == "learning_rate"].sort_values("step")
+    fig.add_trace(
+        go.Scatter(
+            x=train["step"],
+            y=train["value"],
+            mode="lines+markers" if len(train) < 60 else "lines",
+            name="train loss",
+            line={"color": PALETTE[0]},
+            customdata=train["epoch"],
+            hovertemplate="step %{x} (epoch %{customdata:.2f})<br>train loss %{y:.4f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=evals["step"],
+            y=evals["value"],
+            mode="lines+markers",
+            name="eval loss (test part)",
+            marker={"size": 10, "symbol": "diamond", "color": PALETTE[1]},
+            line={"color": PALETTE[1], "dash": "dot"},
+            customdata=evals["epoch"],
+            hovertemplate="after epoch %{customdata:.0f} (step %{x})<br>eval loss %{y:.4f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=lr["step"],
+            y=lr["value"],
+            mode="lines",
+            name="learning rate",
+            line={"color": "#adb5bd", "width": 1},
+            hovertemplate="step %{x}<br>learning rate %{y:.2e}<extra></extra>",
+        ),
+        secondary_y=True,
+    )
+    fig.update_xaxes(title_text="optimizer step", rangemode="tozero")
+    fig.update_yaxes(title_text="loss (answer tokens)", secondary_y=False)
+    fig.update_yaxes(title_text="learning rate", secondary_y=True, showgrid=False, exponentformat="e")
+    fig.update_layout(legend={"orientation": "h", "y": 1.12, "x": 0})
+    return _layout(fig, 380)
+
+
+def search_history(history, objective: str) -> go.Figure:
+    """Each finished trial's value (pruned ones hollow, at their last reported value) and the best so far.
+
+    `history` has columns number, state, value, best (core.train_search.history).
+    """
+    fig = go.Figure()
+    for state, symbol, color in (("complete", "circle", PALETTE[0]), ("pruned", "circle-open", "#868e96")):
+        rows = history[history["state"] == state]
+        fig.add_trace(
+            go.Scatter(
+                x=rows["number"],
+                y=rows["value"],
+                mode="markers",
+                name=f"{state} trial",
+                marker={"symbol": symbol, "size": 10, "color": color},
+                hovertemplate=f"trial %{{x}} ({state})<br>{objective} %{{y:.4f}}<extra></extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=history["number"],
+            y=history["best"],
+            mode="lines",
+            line={"shape": "hv", "color": PALETTE[1]},
+            name="best so far",
+            hovertemplate="after trial %{x}<br>best %{y:.4f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title_text="trial", dtick=1, rangemode="tozero")
+    fig.update_yaxes(title_text=objective.replace("_", " "))
+    fig.update_layout(title="Optimisation history", legend={"orientation": "h", "y": -0.25, "x": 0})
+    return _layout(fig, 340)
+
+
+def param_importances(importances: Mapping[str, float]) -> go.Figure:
+    """Horizontal bars, the most important setting on top (Optuna's fANOVA importance, summing to 1)."""
+    ranked = sorted(importances.items(), key=lambda kv: kv[1])
+    fig = go.Figure(
+        go.Bar(
+            x=[v for _, v in ranked],
+            y=[k.replace("_", " ") for k, _ in ranked],
+            orientation="h",
+            marker_color=PALETTE[0],
+            text=[f"{v:.2f}" for _, v in ranked],
+            textposition="auto",
+            hovertemplate="%{y}: %{x:.3f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title_text="importance", range=[0, 1])
+    fig.update_layout(title="Parameter importances")
+    return _layout(fig, 340)
