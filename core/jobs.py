@@ -417,6 +417,8 @@ def run(job_id: int) -> str:
     try:
         ctx.log(f"started (attempt {row['attempts'] + 1})")
         _load_kind(row["kind"])(ctx)
+        last = store.one("SELECT message FROM jobs WHERE id = ?", (job_id,))["message"]
+        message = last if last.startswith("done") else message  # a job's own summary beats "finished"
     except JobCancelled:
         state, message = "cancelled", "cancelled by the user"
     except JobPaused as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -27,7 +28,7 @@ import psutil
 import torch
 
 from core import dataset, jobs, runs, workspace
-from core.errors import BadInput
+from core.errors import BadInput, WorkbenchError
 from core.jobs import JobCancelled, JobContext
 from core.prompting import render_prompt
 from core.store import Store, now
@@ -106,7 +107,30 @@ def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epo
 
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: under `accelerate launch` each process has a GPU of its own (LOCAL_RANK)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _world() -> tuple[int, int]:
+    """(rank, number of processes) of a distributed run; (0, 1) for a run in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], world: int) -> list[float]:
+    """The element-wise sum of `values` over all processes (itself in a single process)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def load_model(config: TrainConfig, path: str):
@@ -124,7 +148,7 @@ def load_model(config: TrainConfig, path: str):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        kwargs["device_map"] = {"": _device().type}
+        kwargs["device_map"] = {"": _device()}
     if config.method == "qlora" and not cuda and Path(path).is_dir():
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -171,7 +195,7 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device="cpu", backend="pread") as reader:
-            weights.update({name: reader.get_tensor(name) for name in reader.keys()})
+            weights.update({name: reader.get_tensor(name) for name in reader.keys()})  # noqa: SIM118 - a safe_open handle is not a dict
     return weights
 
 
@@ -335,6 +359,11 @@ def train(
     progress and is a point where a cancel stops the run (after saving a checkpoint).
     `on_epoch(epoch, eval_loss)` is called after each epoch's evaluation, before its
     checkpoint; an exception it raises (e.g. Optuna's TrialPruned) ends the run there.
+
+    Under `accelerate launch` (see train_distributed) each of the N processes trains on every
+    N-th batch of a step's group and the adapter gradients are summed across processes before
+    the optimizer step, which makes a step the same as one process taking the whole group;
+    process 0 alone records, reports, checkpoints and saves (the others get ctx=None).
     """
     from transformers import get_scheduler
 
@@ -357,8 +386,10 @@ def train(
     if not train_examples:
         raise BadInput(f"every prompt fills max_seq_len={config.max_seq_len}; no answer tokens are left to train on")
 
+    rank, world = _world()
+    per_step = config.grad_accum * world  # batches in one optimizer step, over all processes
     batches_per_epoch = math.ceil(len(train_examples) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    steps_per_epoch = math.ceil(batches_per_epoch / per_step)
     total_steps = steps_per_epoch * config.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(trainable, config.learning_rate)
@@ -382,7 +413,8 @@ def train(
     eval_after = state.get("eval_after")
 
     def save() -> None:
-        _save_checkpoint(model, optimizer, scheduler, {**state, "eval_after": eval_after}, checkpoint)
+        if rank == 0:
+            _save_checkpoint(model, optimizer, scheduler, {**state, "eval_after": eval_after}, checkpoint)
 
     model.train()
     peak = 0.0
@@ -392,13 +424,16 @@ def train(
             batches = length_grouped_batches(train_examples, config.batch_size, config.seed, epoch)
             while state["batch"] < len(batches):
                 started, tokens, loss_sum = time.perf_counter(), 0, 0.0
-                group = batches[state["batch"] : state["batch"] + config.grad_accum]
-                for indices in group:
+                group = batches[state["batch"] : state["batch"] + per_step]
+                for indices in group[rank::world]:
                     batch = _to(collate([train_examples[i] for i in indices], pad_id), _device())
                     loss = answer_loss(model, batch)
                     (loss / len(group)).backward()
                     loss_sum += loss.item()
                     tokens += int(batch["attention_mask"].sum())
+                if world > 1:
+                    _sum_gradients(trainable)
+                    loss_sum, tokens = _all_sum([loss_sum, tokens], world)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -422,7 +457,8 @@ def train(
                         f"epoch {epoch + 1}/{config.epochs}, loss {metrics['train_loss']:.4f}",
                         **metrics,
                     )
-                    ctx.check_cancel()
+                if _all_sum([ctx is not None and ctx.cancelled()], world)[0]:  # every process stops at once
+                    raise JobCancelled()
                 if time.monotonic() - saved_at > CHECKPOINT_SECONDS and state["batch"] < len(batches):
                     save()
                     saved_at = time.monotonic()
@@ -439,7 +475,8 @@ def train(
         save()
         raise
 
-    model.save_pretrained(out / "adapter")
+    if rank == 0:
+        model.save_pretrained(out / "adapter")
     result = TrainResult(
         output_dir=str(out),
         steps=state["step"],
@@ -449,9 +486,107 @@ def train(
         eval_loss_before=state["eval_before"],
         eval_loss_after=eval_after,
     )
-    (out / "metrics.json").write_text(json.dumps({**asdict(result), "train_losses": state["losses"]}, indent=2))
-    (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "resolved_model": path}, indent=2))
+    if rank == 0:
+        (out / "metrics.json").write_text(json.dumps({**asdict(result), "train_losses": state["losses"]}, indent=2))
+        (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "resolved_model": path}, indent=2))
     return result
+
+
+def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the adapter gradients over all processes (one flat all-reduce; a LoRA adapter is small)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for param, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        param.grad = chunk.view_as(param).clone()
+
+
+# ---- several processes (accelerate launch) ----------------------------------------------------
+
+PROCESSES_ENV = "WORKBENCH_TRAIN_PROCESSES"  # overrides the number of training processes (e.g. 2 on a CPU)
+CANCELLED_EXIT = 3  # a process of a distributed run exits with this after a cancel
+
+
+def training_processes() -> int:
+    """How many processes a training job runs: one per visible GPU, unless WORKBENCH_TRAIN_PROCESSES says."""
+    wanted = os.environ.get(PROCESSES_ENV, "").strip()
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise BadInput(f"{PROCESSES_ENV} must be a whole number >= 1, got {wanted!r}")
+        return int(wanted)
+    return max(1, torch.cuda.device_count())
+
+
+def train_distributed(ctx: JobContext, config: TrainConfig, processes: int) -> TrainResult:
+    """Run train() in `processes` processes through `accelerate launch` (one per GPU; gloo on the CPU).
+
+    The job's own process only launches and waits: process 0 of the launch reports through the
+    store as this job. A cancel reaches process 0 through the store (all processes then stop
+    after a checkpoint); if this process is told to stop, the launch's process group goes too.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    out = Path(config.output_dir or workspace.artifacts_dir() / f"train-{ctx.job_id}")
+    out.mkdir(parents=True, exist_ok=True)
+    # --multi_gpu is accelerate's torchrun launcher; without a GPU its processes meet over gloo on the CPU
+    # (accelerate's --cpu launcher needs MPI for more than one process).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    command += ["--main_process_ip", "127.0.0.1"]
+    command += ["--main_process_port", str(_free_port()), "-m", "core.training", "rank", str(ctx.job_id), str(out)]
+    ctx.log(f"training in {processes} processes: {' '.join(command[2:])}")
+    log_path = out / "processes.log"
+    with open(log_path, "ab") as log:
+        launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = launch.wait()
+    except BaseException:
+        os.killpg(launch.pid, signal.SIGTERM)
+        launch.wait()
+        raise
+    if code == CANCELLED_EXIT or ctx.cancelled():
+        raise JobCancelled()
+    if code != 0:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        raise WorkbenchError(f"training processes failed (exit {code}): {lines[-1] if lines else 'no output'}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return TrainResult(**{k: metrics[k] for k in TrainResult.__dataclass_fields__})
+
+
+def _free_port() -> int:
+    """A free local port for the processes' rendezvous (fixed ports collide when two runs start together)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(job_id: int, output_dir: str) -> int:
+    """One process of a distributed run (`python -m core.training rank JOB OUTPUT`, started by accelerate)."""
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_device())
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    store = Store()
+    try:
+        params = jobs.get(store, job_id).params
+        config = TrainConfig.from_dict({**params, "output_dir": output_dir})
+        ctx = JobContext(store, job_id, params) if dist.get_rank() == 0 else None
+        train(ctx, config, store)
+        return 0
+    except JobCancelled:
+        return CANCELLED_EXIT
+    except WorkbenchError as exc:
+        print(f"process {dist.get_rank()}: {exc}", flush=True)
+        return 1
+    finally:
+        dist.destroy_process_group()
+        store.close()
 
 
 def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -513,7 +648,8 @@ def run_train_job(ctx: JobContext) -> None:
     config = TrainConfig.from_dict(ctx.params)
     done = ctx.store.one("SELECT done FROM jobs WHERE id = ?", (ctx.job_id,))["done"]
     ctx.progress(done, None, "loading the model", stage="training")
-    result = train(ctx, config, ctx.store)
+    processes = training_processes()
+    result = train_distributed(ctx, config, processes) if processes > 1 else train(ctx, config, ctx.store)
     summary = f"train loss {result.train_loss_first:.4f} -> {result.train_loss_last:.4f}"
     ctx.progress(
         result.steps,
@@ -548,3 +684,11 @@ def run_train_job(ctx: JobContext) -> None:
     ctx.progress(
         result.steps, result.steps, f"done: {summary}; run {run.id} mean F1 {f1:.3f}", stage="done", mean_f1=f1
     )
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "rank":
+        sys.exit("usage: python -m core.training rank JOB_ID OUTPUT_DIR (started by accelerate launch)")
+    sys.exit(_rank_main(int(sys.argv[2]), sys.argv[3]))
