@@ -194,7 +194,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     with open_workspace(config.dataset) as store:
         if args.from_search is not None:
             config = train_search.final_config(store, args.from_search)
-            print(f"best parameters of search job {args.from_search}: {train_search.best_params(store, args.from_search)}")
+            print(
+                f"best parameters of search job {args.from_search}: {train_search.best_params(store, args.from_search)}"
+            )
         elif args.trials:
             search = train_search.SearchConfig(
                 base=config.to_dict(),
@@ -208,7 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             code = follow_or_detach(store, search_id, args.background)
             if code != 0 or args.background:
                 return code
-            _print_rows(train_search.study_trials(store, search_id).drop(columns="output_dir").to_dict("records"), False)
+            _print_rows(
+                train_search.study_trials(store, search_id).drop(columns="output_dir").to_dict("records"), False
+            )
             config = train_search.final_config(store, search_id)
             print(f"final training with the best parameters: {train_search.best_params(store, search_id)}")
         job_id = training.start_training(store, config)
@@ -530,11 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, TrainConfig, options)
     from core.train_search import SearchConfig
 
-    search = p.add_argument_group("hyperparameter search (Optuna; then the final training with the best trial's settings)")
+    search = p.add_argument_group(
+        "hyperparameter search (Optuna; then the final training with the best trial's settings)"
+    )
     search.add_argument("--trials", type=int, default=0, help="search first: " + field_help(SearchConfig, "trials"))
     search.add_argument("--workers", type=int, default=1, help=field_help(SearchConfig, "workers"))
     search.add_argument(
-        "--objective", choices=("eval_loss", "bertscore"), default="eval_loss", help=field_help(SearchConfig, "objective")
+        "--objective",
+        choices=("eval_loss", "bertscore"),
+        default="eval_loss",
+        help=field_help(SearchConfig, "objective"),
     )
     search.add_argument(
         "--space",
