@@ -208,17 +208,8 @@ def merge_adapter(base_model_dir: Path, adapter_dir: Path, out_dir: Path) -> Pat
         base_model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
     )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    part = out_dir.with_name(out_dir.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    merged.save_pretrained(part, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_model_dir, trust_remote_code=False).save_pretrained(part)
-    config_file = part / "config.json"
-    config = json.loads(config_file.read_text())
-    config.pop("quantization_config", None)
-    config_file.write_text(json.dumps(config, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    part.rename(out_dir)
-    return out_dir
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir, trust_remote_code=False)
+    return models.save_checkpoint(merged, tokenizer, out_dir)
 
 
 def merged_to_gguf(

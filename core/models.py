@@ -87,17 +87,27 @@ def prepare_hf_checkpoint(progress: Progress = print) -> Path:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(source.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    config_file = tmp / "config.json"
+    save_checkpoint(fresh, tokenizer, target)
+    progress(f"converted in {time.monotonic() - started:.0f} s -> {target}")
+    return target
+
+
+def save_checkpoint(model, tokenizer, target: Path) -> Path:
+    """Save a Hugging Face checkpoint (safetensors) that llama.cpp's converters accept, never half-written.
+
+    It is written beside `target` and swapped in. A `quantization_config` key goes: a model
+    that came from a GGUF keeps `{quant_method: gguf}`, which the converters reject.
+    """
+    part = target.with_name(target.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    model.save_pretrained(part, safe_serialization=True)
+    tokenizer.save_pretrained(part)
+    config_file = part / "config.json"
     saved = json.loads(config_file.read_text())
     saved.pop("quantization_config", None)
     config_file.write_text(json.dumps(saved, indent=2))
     shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    progress(f"converted in {time.monotonic() - started:.0f} s -> {target}")
+    part.rename(target)
     return target
 
 

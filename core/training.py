@@ -171,15 +171,21 @@ def load_model(config: TrainConfig, path: str):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(config.seed)  # the LoRA A matrices are drawn here
-    lora = peft.LoraConfig(
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return peft.get_peft_model(model, lora_config(config)), tokenizer
+
+
+def lora_config(config: TrainConfig):
+    """The peft LoraConfig of a run's settings."""
+    import peft
+
+    return peft.LoraConfig(
         task_type="CAUSAL_LM",
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(config.target_modules),
     )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return peft.get_peft_model(model, lora), tokenizer
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -192,8 +198,11 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     """
     from safetensors import safe_open
 
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise BadInput(f"no .safetensors weights in {path} (weights are only loaded from safetensors)")
     weights: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu", backend="pread") as reader:
             weights.update({name: reader.get_tensor(name) for name in reader.keys()})  # noqa: SIM118 - a safe_open handle is not a dict
     return weights

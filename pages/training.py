@@ -103,7 +103,7 @@ def loop_settings(key: str) -> dict:
 
 
 def evaluation_settings(key: str) -> dict:
-    c1, c2, c3 = st.columns([1, 3, 1])
+    c1, c2, c3 = st.columns([2, 5, 2])
     engine = c1.selectbox("Evaluate with", EVAL_ENGINES, help=helptext("evaluate_with"), key=f"{key}-engine")
     choices = baseline_choices()
     baseline = c2.selectbox(
@@ -229,7 +229,9 @@ def live_run(job_id: int) -> None:
         if "train_loss" in latest:
             first = metrics[metrics["name"] == "train_loss"].iloc[0]["value"]
             row = latest["train_loss"]
-            tiles[0].metric("Step", f"{int(row['step'])}", f"epoch {row['epoch']:.2f}", delta_color="off")
+            tiles[0].metric(
+                "Step", f"{int(row['step'])}", f"epoch {row['epoch']:.2f}", delta_color="off", delta_arrow="off"
+            )
             tiles[1].metric("Train loss", f"{row['value']:.4f}", f"{row['value'] - first:+.4f} since step 1", "inverse")
         if "eval_loss" in latest:
             evals = metrics[metrics["name"] == "eval_loss"]["value"]
@@ -261,7 +263,11 @@ def evaluation_section(job_id: int, out: str, eval_run_id: int | None) -> None:
                 f"Run **{eval_run_id}**: {scored.n_scored} answers, mean BERTScore F1 **{scored.mean_f1:.3f}**, "
                 f"median {scored.median_f1:.3f}."
             )
-            st.page_link("pages/compare.py", label="Compare it with other runs", icon=":material/compare_arrows:")
+            st.page_link(
+                Path(__file__).with_name("compare.py"),
+                label="Compare it with other runs",
+                icon=":material/compare_arrows:",
+            )
     with st.form(f"evaluate-{job_id}"):
         c1, c2, c3 = st.columns([1, 3, 1])
         engine = c1.selectbox("Engine", evaluation.ENGINES, help=field_help(evaluation.EvalConfig, "backend"))
@@ -280,7 +286,9 @@ def export_section(out: Path) -> None:
     st.subheader("Export")
     st.caption(ui.plain(f"Folder: {export_dir}"))
     st.dataframe(
-        [{"file": p.name, "MB": round(_size(p) / 1e6, 1)} for p in sorted(export_dir.iterdir())], hide_index=True
+        [{"file": p.name, "size": _size(p)} for p in sorted(export_dir.iterdir())],
+        hide_index=True,
+        column_config={"size": st.column_config.NumberColumn(format="bytes")},
     )
     if (modelfile := export_dir / "Modelfile").exists():
         st.markdown("**Into Ollama**: the merged model (Ollama's own engine does not apply LoRA adapters).")
@@ -314,7 +322,7 @@ def show_runs(train_jobs: list[jobs.JobInfo]) -> None:
         return f"job {job.id} · {job.state} · {p.get('method')} r={p.get('lora_r')} lr={p.get('learning_rate'):g}"
 
     job_id = pick_job("Training run", train_jobs, "train_job", describe)
-    ui.job_panel(job_id, log_lines=8)
+    ui.job_panel(job_id, log_lines=8, figures=False)  # the tiles below show them
     live_run(job_id)
     job = jobs.get(store, job_id)
     out = job.figures.get("output_dir")

@@ -105,6 +105,22 @@ def tiny_llama(tmp_path_factory, embedded_models) -> Path:
     return path
 
 
+def tiny_training(model: Path, **overrides) -> dict:
+    """TrainConfig settings that train a tiny random model in seconds: LoRA on every linear layer, lr 1e-2."""
+    from core.train_config import ALL_LINEAR
+
+    settings = {
+        "dataset": "starter",
+        "method": "lora",
+        "model": str(model),
+        "target_modules": ALL_LINEAR,
+        "learning_rate": 1e-2,
+        "batch_size": 2,
+        "max_seq_len": 64,
+    }
+    return {**settings, **overrides}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,23 +30,14 @@ from core.train_search import (
     study_trials,
 )
 from core.training import ALL_LINEAR, TrainConfig
+from tests.conftest import run_cli, tiny_training
 
 GOOD = 1e-2  # the tiny model's loss falls visibly within one epoch at this learning rate (see test_training)
 USELESS = 1e-6  # ... and does not move at this one
 
 
 def _base(tiny_llama, **overrides) -> dict:
-    settings_ = {
-        "dataset": "starter",
-        "method": "lora",
-        "model": str(tiny_llama),
-        "target_modules": ALL_LINEAR,
-        "limit": 8,
-        "batch_size": 2,
-        "max_seq_len": 64,
-        "evaluate_with": "none",
-    }
-    return {**settings_, **overrides}
+    return tiny_training(tiny_llama, **{"limit": 8, "evaluate_with": "none", **overrides})
 
 
 def _config(tiny_llama, base: dict | None = None, **overrides) -> SearchConfig:
@@ -264,8 +255,6 @@ def test_when_every_worker_fails_the_job_fails_with_the_reason_from_their_log(st
 
 
 def test_the_cli_searches_then_trains_with_the_best_trial_and_can_train_from_a_search_later(starter, tiny_llama):
-    from tests.conftest import run_cli
-
     common = ["train", "--dataset", "starter", "--model", str(tiny_llama), "--method", "lora", "--limit", "4"]
     common += ["--evaluate-with", "none", "--no-export-merged", "--target-modules", ",".join(ALL_LINEAR)]
     result = run_cli(*common, "--trials", "2", "--space", "learning_rate=1e-3,1e-2 lora_r=4 epochs=1,1", timeout=600)

@@ -14,7 +14,6 @@ from core.errors import BadInput
 from core.jobs import JobCancelled, JobContext
 from core.prompting import DEFAULT_TEMPLATE, render_prompt
 from core.training import (
-    ALL_LINEAR,
     IGNORE,
     TrainConfig,
     answer_loss,
@@ -24,6 +23,7 @@ from core.training import (
     load_model,
     train,
 )
+from tests.conftest import tiny_training
 
 
 @pytest.fixture
@@ -34,18 +34,7 @@ def tokenizer(tiny_llama):
 
 
 def _config(tiny_llama, tmp_path, **overrides) -> TrainConfig:
-    settings = {
-        "dataset": "starter",
-        "method": "lora",
-        "model": str(tiny_llama),
-        "target_modules": ALL_LINEAR,
-        "learning_rate": 1e-2,
-        "limit": 8,
-        "batch_size": 2,
-        "max_seq_len": 64,
-        "output_dir": str(tmp_path / "out"),
-    }
-    return TrainConfig(**{**settings, **overrides})
+    return TrainConfig(**tiny_training(tiny_llama, limit=8, output_dir=str(tmp_path / "out"), **overrides))
 
 
 def _job(store, config: TrainConfig) -> int:

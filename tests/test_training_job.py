@@ -14,23 +14,14 @@ import torch
 from core import jobs, runs, training
 from core.evaluation import RUN_KIND
 from core.store import Store
-from core.training import ALL_LINEAR, TrainConfig
-from tests.conftest import run_cli, wait_until
+from core.training import TrainConfig
+from tests.conftest import run_cli, tiny_training, wait_until
 
 
 def _config(tiny_llama, **overrides) -> TrainConfig:
-    settings = {
-        "dataset": "starter",
-        "method": "lora",
-        "model": str(tiny_llama),
-        "target_modules": ALL_LINEAR,
-        "learning_rate": 1e-2,
-        "batch_size": 2,
-        "max_seq_len": 64,
-        "evaluate_with": "transformers",
-        "export_merged": False,
-    }
-    return TrainConfig(**{**settings, **overrides})
+    return TrainConfig(
+        **tiny_training(tiny_llama, **{"evaluate_with": "transformers", "export_merged": False, **overrides})
+    )
 
 
 def _steps(store, job_id: int) -> list[int]:

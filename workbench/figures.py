@@ -211,7 +211,8 @@ def loss_curve(metrics) -> go.Figure:
     )
     fig.update_xaxes(title_text="optimizer step", rangemode="tozero")
     fig.update_yaxes(title_text="loss (answer tokens)", secondary_y=False)
-    fig.update_yaxes(title_text="learning rate", secondary_y=True, showgrid=False, exponentformat="e")
+    top = float(lr["value"].max()) * 1.05 if len(lr) else 1.0
+    fig.update_yaxes(title_text="learning rate", secondary_y=True, showgrid=False, exponentformat="e", range=[0, top])
     fig.update_layout(legend={"orientation": "h", "y": 1.12, "x": 0})
     return _layout(fig, 380)
 

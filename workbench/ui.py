@@ -120,16 +120,18 @@ STATE_ICONS = {
 
 
 def _figure_text(figures: dict) -> str:
-    names = {"tokens_per_s": "tokens/s", "items_per_s": "items/s"}
+    """Numeric figures as 'value name', four significant digits (a learning rate of 2e-4 stays visible)."""
+    names = {"tokens_per_s": "tokens/s", "items_per_s": "items/s", "peak_memory_mb": "MB peak memory"}
     return " · ".join(
-        f"{v:,.1f} {names.get(k, k.replace('_', ' '))}"
+        f"{v:,.4g} {names.get(k, k.replace('_', ' '))}"
         for k, v in figures.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_id")  # ids are not figures
     )
 
 
-def job_panel(job_id: int, log_lines: int = 12) -> None:
-    """Progress, figures, Cancel/Resume and the log tail of one job; refreshes itself while it runs."""
+def job_panel(job_id: int, log_lines: int = 12, figures: bool = True) -> None:
+    """Progress, figures (unless the page draws them itself), Cancel/Resume and the log tail of one job;
+    refreshes itself while it runs."""
 
     def body() -> None:
         job = jobs.get(store(), job_id)
@@ -150,8 +152,8 @@ def job_panel(job_id: int, log_lines: int = 12) -> None:
             label = f"{job.done}/{job.total}" if job.total else f"{job.done}"
             left = _fmt_seconds(job.seconds_left)
             st.progress(job.fraction, text=f"{label}{' · ' + left + ' left' if left else ''} · {plain(job.message)}")
-            if figures := _figure_text(job.figures):
-                st.caption(figures)
+            if figures and (text := _figure_text(job.figures)):
+                st.caption(text)
             tail = jobs.log_tail(store(), job.id, log_lines)
             if tail:
                 with st.expander("Log", expanded=active or job.state in ("failed", "interrupted")):

@@ -117,6 +117,7 @@ def run_baseline() -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from core import training
     from core.prompting import render_prompt
 
     config = _base_config("lora", "")
@@ -128,14 +129,7 @@ def run_baseline() -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False  # no KV cache in training, as any fine-tuning script sets
     torch.manual_seed(config.seed)
-    lora = peft.LoraConfig(
-        task_type="CAUSAL_LM",
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
-    )
-    model = peft.get_peft_model(model, lora)
+    model = peft.get_peft_model(model, training.lora_config(config))  # the workbench's LoRA settings
     tokenizer = AutoTokenizer.from_pretrained(path)
 
     # prompt + answer + EOS, cut at the same max_seq_len, all padded to the longest example.
