@@ -637,12 +637,15 @@ def study_trials(store: Store, job_id: int):
         trials = load_study(store, job_id).get_trials(deepcopy=False)
     except NotFound:
         trials = []
+    # A trial whose search was stopped stays RUNNING in the study until a resume retries it.
+    stopped = jobs.get(store, job_id).state not in jobs.ACTIVE
     rows = []
     for t in trials:
+        state = t.state.name.lower()
         rows.append(
             {
                 "number": t.number,
-                "state": t.state.name.lower(),
+                "state": "stopped" if stopped and state == "running" else state,
                 "value": t.value,
                 **_params(config, t),
                 "last_epoch": t.last_step,

@@ -198,6 +198,7 @@ def test_a_cancelled_search_resumes_the_same_study_up_to_n_trials(starter, tiny_
     assert job.state == "cancelled", job.message
     cut = [t for t in load_study(starter, job_id).trials if t.state.name == "RUNNING"]
     assert len(cut) == 1  # its worker was killed with the job; the trial is left unfinished
+    assert study_trials(starter, job_id)["state"].tolist().count("stopped") == 1  # not shown as running
 
     jobs.resume(starter, job_id)
     job = _wait(starter, job_id, timeout=300)
