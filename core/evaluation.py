@@ -75,7 +75,7 @@ def gguf_adapter_path(train_dir: str | Path) -> Path:
 def _base_gguf(config: EvalConfig, trained: dict[str, Any]) -> str:
     if config.base_gguf:
         return config.base_gguf
-    if Path(trained["resolved_model"]).resolve() == models.hf_checkpoint_dir().resolve():
+    if models.is_embedded_checkpoint(trained["resolved_model"]):
         return str(models.gguf_path())
     raise BadInput(
         "the adapter was trained on a model other than the embedded one: give its GGUF as base_gguf, "

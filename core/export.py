@@ -398,7 +398,7 @@ def _merge_to_gguf(adapter: Path, base: Path, target: Path, keep_hf: bool, progr
 
 def _embedded_gguf_for(base: Path) -> Path | None:
     """The GGUF the base checkpoint was made from, when it is the embedded model's."""
-    if base.resolve() == models.hf_checkpoint_dir().resolve() and models.gguf_path().exists():
+    if models.is_embedded_checkpoint(base) and models.gguf_path().exists():
         return models.gguf_path()
     return None
 

@@ -177,6 +177,11 @@ def model_states() -> list[ModelState]:
     ]
 
 
+def is_embedded_checkpoint(path: str | Path) -> bool:
+    """Whether a model path is the embedded Gemma checkpoint (whose GGUF the workbench also has)."""
+    return Path(path).resolve() == hf_checkpoint_dir().resolve()
+
+
 def resolve_generator(model: str | None, engine: str) -> str:
     """A model name for an engine: the embedded model by default, else a path or hub id as given.
 

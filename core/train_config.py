@@ -100,6 +100,11 @@ class TrainConfig:
         missing = sorted(set(self.target_modules) - module_names)
         if missing:
             raise BadInput(f"the model has no module(s) named {', '.join(missing)}")
+        if self.evaluate_with == "llamacpp" and not models.is_embedded_checkpoint(path):
+            raise BadInput(
+                "evaluating on llamacpp needs the base model as GGUF, which the workbench has only for the embedded "
+                "model: evaluate with transformers (or none) for another base model"
+            )
         return path
 
 

@@ -466,8 +466,10 @@ def train(
                         f"epoch {epoch + 1}/{config.epochs}, loss {metrics['train_loss']:.4f}",
                         **metrics,
                     )
-                if _all_sum([ctx is not None and ctx.cancelled()], world)[0]:  # every process stops at once
-                    raise JobCancelled()
+                if world == 1 and ctx is not None:
+                    ctx.check_cancel()
+                elif world > 1 and _all_sum([ctx is not None and ctx.cancelled()], world)[0]:
+                    raise JobCancelled()  # process 0 saw the cancel; every process stops at the same step
                 if time.monotonic() - saved_at > CHECKPOINT_SECONDS and state["batch"] < len(batches):
                     save()
                     saved_at = time.monotonic()

@@ -105,18 +105,19 @@ def tiny_llama(tmp_path_factory, embedded_models) -> Path:
     return path
 
 
-def tiny_training(model: Path, **overrides) -> dict:
-    """TrainConfig settings that train a tiny random model in seconds: LoRA on every linear layer, lr 1e-2."""
+def tiny_training(path: Path, **overrides) -> dict:
+    """TrainConfig settings that train a tiny random model in seconds: LoRA on all linear layers, no evaluation."""
     from core.train_config import ALL_LINEAR
 
     settings = {
         "dataset": "starter",
         "method": "lora",
-        "model": str(model),
+        "model": str(path),
         "target_modules": ALL_LINEAR,
         "learning_rate": 1e-2,
         "batch_size": 2,
         "max_seq_len": 64,
+        "evaluate_with": "none",  # llama.cpp evaluation needs a GGUF of the base, which only the embedded model has
     }
     return {**settings, **overrides}
 

@@ -294,6 +294,7 @@ def test_training_started_from_the_button_draws_a_growing_loss_curve_then_cancel
     page.get_by_role("textbox", name="Base model").first.fill(str(tiny_llama))
     page.get_by_role("spinbutton", name="Epochs").first.fill("5")
     page.get_by_role("spinbutton", name="Batch size").first.fill("1")
+    choose(page, "Evaluate with", "none")  # llama.cpp evaluation needs the embedded base model
     click_button(page, "Start training")
     page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
     page.locator("[data-testid='stMetric']").filter(has_text="Step").first.wait_for(timeout=60_000)

@@ -37,7 +37,7 @@ USELESS = 1e-6  # ... and does not move at this one
 
 
 def _base(tiny_llama, **overrides) -> dict:
-    return tiny_training(tiny_llama, **{"limit": 8, "evaluate_with": "none", **overrides})
+    return tiny_training(tiny_llama, **{"limit": 8, **overrides})
 
 
 def _config(tiny_llama, base: dict | None = None, **overrides) -> SearchConfig:

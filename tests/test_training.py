@@ -34,7 +34,7 @@ def tokenizer(tiny_llama):
 
 
 def _config(tiny_llama, tmp_path, **overrides) -> TrainConfig:
-    return TrainConfig(**tiny_training(tiny_llama, limit=8, output_dir=str(tmp_path / "out"), **overrides))
+    return TrainConfig(**tiny_training(tiny_llama, **{"limit": 8, "output_dir": str(tmp_path / "out"), **overrides}))
 
 
 def _job(store, config: TrainConfig) -> int:
@@ -238,6 +238,7 @@ def test_qlora_gradients_reach_every_layer_even_after_an_evaluation_pass(starter
         ({"target_modules": ("q_proj", "c_attn")}, "c_attn"),
         ({"model": "/nowhere/model"}, "no model"),
         ({"part": "test", "dataset": "empty"}, "no accepted pairs"),
+        ({"evaluate_with": "llamacpp"}, "llamacpp needs the base model as GGUF"),
     ],
 )
 def test_bad_settings_are_refused(starter, tiny_llama, tmp_path, overrides, message):
