@@ -165,6 +165,8 @@ def load_model(config: TrainConfig, path: str):
             use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        if not cuda and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            _output_head_in_bf16(model)
     else:
         model.to(_device())
         if config.gradient_checkpointing:
@@ -208,6 +210,20 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _output_head_in_bf16(model) -> None:
+    """QLoRA on a CPU with native bf16 matmul: keep the frozen output head (and the embedding tied to it) in bf16.
+
+    With a 262k vocabulary the head is most of a step's arithmetic, and a bf16 matmul (fp32
+    accumulation, as on a GPU) runs 4x faster than fp32 here; it also halves the head's memory.
+    Gemma's released weights are bf16, so nothing is lost by storing them so. The embedding's
+    output is cast back to fp32, the body's compute dtype on the CPU.
+    """
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    head.weight.data = head.weight.data.to(torch.bfloat16)
+    if embedding.weight is head.weight:
+        embedding.register_forward_hook(lambda _module, _inputs, output: output.float())
+
+
 def _keep_4bit_layers_differentiable(model) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
 
@@ -241,7 +257,7 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cap = float(getattr(base.config, "final_logit_softcapping", None) or 0.0)
     if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
         return _ChunkedHeadLoss.apply(hidden[keep], head.weight, targets[keep], cap)
-    logits = head(hidden[keep]).float()  # a trained or unusual head: plain autograd, full answer logits
+    logits = head(hidden[keep].to(head.weight.dtype)).float()  # a trained or unusual head: plain autograd
     return torch.nn.functional.cross_entropy(_softcap(logits, cap), targets[keep])
 
 
@@ -267,7 +283,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, LOSS_CHUNK_ROWS):
             h, t = hidden[start : start + LOSS_CHUNK_ROWS], targets[start : start + LOSS_CHUNK_ROWS]
-            logits = (h @ weight.T).float()
+            logits = (h.to(weight.dtype) @ weight.T).float()
             squashed = logits.div_(cap).tanh_() if cap else None  # Gemma's softcap, in place
             if cap:
                 logits = squashed * cap

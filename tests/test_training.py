@@ -227,6 +227,28 @@ def test_qlora_gradients_reach_every_layer_even_after_an_evaluation_pass(starter
         assert torch.allclose(grad, evaluated[name], rtol=1e-3, atol=1e-6), name
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16 matmul")
+def test_qlora_on_a_bf16_cpu_runs_the_output_head_in_bf16_with_the_fp32_loss_to_three_digits(
+    starter, tiny_llama_64, tmp_path
+):
+    model, tokenizer = load_model(_config(tiny_llama_64, tmp_path, method="qlora"), str(tiny_llama_64))
+    head = model.get_base_model().get_output_embeddings()
+    assert head.weight.dtype == torch.bfloat16
+    pairs = dataset.select_pairs(starter, "starter", "train")[:4]
+    batch = collate(build_examples(tokenizer, pairs, DEFAULT_TEMPLATE, 64), tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        ours = answer_loss(model, batch).item()
+        hidden = model.get_base_model().get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
+        targets = batch["labels"][:, 1:]
+        keep = targets != training.IGNORE
+        logits = hidden.last_hidden_state[:, :-1][keep] @ head.weight.float().T
+        reference = torch.nn.functional.cross_entropy(logits, targets[keep]).item()
+    assert ours == pytest.approx(reference, rel=1e-3)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
