@@ -186,6 +186,10 @@ def _to_run(row: Any) -> Run:
     )
 
 
+def run_exists(store: Store, run_id: int) -> bool:
+    return store.one("SELECT 1 FROM runs WHERE id = ?", (run_id,)) is not None
+
+
 def get_run(store: Store, run_id: int) -> Run:
     row = store.one(_RUN_SQL + " WHERE r.id = ?", (run_id,))
     if row is None:

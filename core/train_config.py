@@ -7,9 +7,10 @@ these fields without loading torch. Never trains.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-from core import dataset, models
+from core import dataset, models, runs
 from core.errors import BadInput
 from core.prompting import DEFAULT_TEMPLATE, check_template
 from core.store import Store
@@ -95,7 +96,9 @@ class TrainConfig:
         check_template(self.prompt_template)
         if not dataset.select_pairs(store, self.dataset, self.part, "accepted"):
             raise BadInput(f"dataset {self.dataset!r} has no accepted pairs in its {self.part} part")
-        path = models.resolve_generator(self.model, "transformers")
+        if self.eval_baseline_run is not None and not runs.run_exists(store, self.eval_baseline_run):
+            raise BadInput(f"no run with id {self.eval_baseline_run} to copy the decoding parameters from")
+        path = _local_folder(models.resolve_generator(self.model, "transformers"))
         module_names = _module_names(path)
         missing = sorted(set(self.target_modules) - module_names)
         if missing:
@@ -108,6 +111,18 @@ class TrainConfig:
         return path
 
 
+def _local_folder(model: str) -> str:
+    """A checkpoint folder for a folder or a hub id already in the local cache (export converts files)."""
+    if Path(model).is_dir():
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except Exception:  # not a valid id, not cached, or the hub library's own errors: all one answer
+        raise BadInput(f"no model at {model!r}: neither a checkpoint folder nor a cached hub id") from None
+
+
 def _module_names(path: str) -> set[str]:
     """Leaf module names of a model, from its config alone (built on the meta device: no weights read)."""
     import torch
@@ -117,6 +132,9 @@ def _module_names(path: str) -> set[str]:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
         raise BadInput(f"no model at {path!r}: neither a checkpoint folder nor a cached hub id") from None
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except ValueError:
+        raise BadInput(f"{path} is not a causal language model ({type(config).__name__})") from None
     return {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules() if name}

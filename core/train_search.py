@@ -692,12 +692,16 @@ def param_importances(store: Store, job_id: int) -> dict[str, float]:
 
 
 def history(store: Store, job_id: int):
-    """Optimisation-history data: number, state, value and the best value so far (completed trials set it)."""
+    """Optimisation-history data: number, state, value (a pruned trial's last reported one) and the best value
+    so far (only completed trials set it)."""
     import pandas as pd
 
     config = _job_config(store, job_id)
     frame = study_trials(store, job_id)[["number", "state", "value"]]
     frame = frame[frame["state"].isin(["complete", "pruned"])].sort_values("number").reset_index(drop=True)
+    last_reported = intermediate_values(store, job_id).groupby("number")["value"].last()
+    pruned = frame["state"] == "pruned"  # a pruned trial has no value: it is drawn at the last one it reported
+    frame.loc[pruned, "value"] = frame.loc[pruned, "number"].map(last_reported)
     done = frame["value"].where(frame["state"] == "complete")
     best = done.cummin() if config.direction == "minimize" else done.cummax()
     return frame.assign(best=pd.to_numeric(best).ffill())

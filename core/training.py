@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -353,13 +354,23 @@ def _load_checkpoint(model, optimizer, scheduler, directory: Path, config: Train
 
     state = torch.load(directory / "state.pt", weights_only=True)  # plain tensors and numbers: no pickled code
     optimizer_state, scheduler_state, rng = state.pop("optimizer"), state.pop("scheduler"), state.pop("rng")
-    if state["config"] != config.to_dict():
+    if _resume_key(state["config"]) != _resume_key(config.to_dict()):
         raise BadInput(f"{directory} holds a checkpoint of different settings; choose another output folder")
     peft.set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(rng)
     return state
+
+
+def _resume_key(settings: dict) -> dict:
+    """The settings a checkpoint must match to be resumed: what shapes training, not where it is written
+    (a distributed run fills output_dir in) or what happens after it."""
+    return {
+        k: v
+        for k, v in settings.items()
+        if k not in ("output_dir", "evaluate_with", "eval_baseline_run", "export_merged")
+    }
 
 
 def _peak_memory_mb(peak: float) -> float:
@@ -500,6 +511,10 @@ def train(
             saved_at = time.monotonic()
     except JobCancelled:
         save()
+        if world > 1:  # the others wait for process 0's checkpoint: the launcher ends them all once one exits
+            import torch.distributed as dist
+
+            dist.barrier()
         raise
 
     if rank == 0:
@@ -553,7 +568,6 @@ def train_distributed(ctx: JobContext, config: TrainConfig, processes: int) -> T
     store as this job. A cancel reaches process 0 through the store (all processes then stop
     after a checkpoint); if this process is told to stop, the launch's process group goes too.
     """
-    import signal
     import subprocess
     import sys
 
@@ -566,21 +580,28 @@ def train_distributed(ctx: JobContext, config: TrainConfig, processes: int) -> T
     command += ["--main_process_port", str(_free_port()), "-m", "core.training", "rank", str(ctx.job_id), str(out)]
     ctx.log(f"training in {processes} processes: {' '.join(command[2:])}")
     log_path = out / "processes.log"
-    with open(log_path, "ab") as log:
-        launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as log:  # in the job's process group: a cancel or kill of the job reaches them
+        launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         code = launch.wait()
     except BaseException:
-        os.killpg(launch.pid, signal.SIGTERM)
+        launch.terminate()  # torchrun passes it on to the training processes
         launch.wait()
         raise
     if code == CANCELLED_EXIT or ctx.cancelled():
         raise JobCancelled()
     if code != 0:
-        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        raise WorkbenchError(f"training processes failed (exit {code}): {lines[-1] if lines else 'no output'}")
+        raise WorkbenchError(f"training processes failed (exit {code}): {_failure_reason(log_path)}")
     metrics = json.loads((out / "metrics.json").read_text())
     return TrainResult(**{k: metrics[k] for k in TrainResult.__dataclass_fields__})
+
+
+def _failure_reason(log_path: Path) -> str:
+    """The one line that says why a distributed run failed: a process's own message, else the last exception."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    own = [line for line in lines if re.match(r"process \d+: ", line)]
+    raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception): ", line) and "ChildFailedError" not in line]
+    return (own or raised or ["no message; see " + str(log_path)])[-1]
 
 
 def _free_port() -> int:

@@ -206,14 +206,12 @@ def start_search_form(expanded: bool) -> None:
 
 
 def pick_job(label: str, choices: list[jobs.JobInfo], state_key: str, describe) -> int:
+    """A job picker that shows a job just started (show_job) instead of keeping the earlier choice."""
     ids = [j.id for j in choices]
-    wanted = st.session_state.get(state_key)
+    if (started := st.session_state.pop(state_key, None)) in ids:  # a keyed widget ignores index= once set
+        st.session_state[f"pick-{state_key}"] = started
     return st.selectbox(
-        label,
-        ids,
-        index=ids.index(wanted) if wanted in ids else 0,
-        format_func=lambda i: describe(next(j for j in choices if j.id == i)),
-        key=f"pick-{state_key}",
+        label, ids, format_func=lambda i: describe(next(j for j in choices if j.id == i)), key=f"pick-{state_key}"
     )
 
 
@@ -286,7 +284,11 @@ def export_section(out: Path) -> None:
     st.subheader("Export")
     st.caption(ui.plain(f"Folder: {export_dir}"))
     st.dataframe(
-        [{"file": p.name, "size": _size(p)} for p in sorted(export_dir.iterdir())],
+        [
+            {"file": p.name, "size": _size(p)}
+            for p in sorted(export_dir.iterdir())
+            if not p.name.endswith((".part", ".tmp")) and p.name != "merged-hf"  # an export's work in progress
+        ],
         hide_index=True,
         column_config={"size": st.column_config.NumberColumn(format="bytes")},
     )
@@ -313,7 +315,11 @@ def export_section(out: Path) -> None:
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    """Bytes in a file or folder; 0 for what an export still running renames or removes meanwhile."""
+    try:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def show_runs(train_jobs: list[jobs.JobInfo]) -> None:
@@ -333,6 +339,12 @@ def show_runs(train_jobs: list[jobs.JobInfo]) -> None:
 
 
 # ---- a search ------------------------------------------------------------------------------------------
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def cached_importances(job_id: int, completed: int) -> dict[str, float]:
+    """fANOVA fits a random forest: once per new completed trial, not on every refresh of every viewer."""
+    return train_search.param_importances(ui.store(), job_id)
 
 
 def show_searches(search_jobs: list[jobs.JobInfo]) -> None:
@@ -364,7 +376,7 @@ def show_searches(search_jobs: list[jobs.JobInfo]) -> None:
         history = train_search.history(store, job_id)
         if not history.empty:
             left.plotly_chart(figures.search_history(history, objective), width="stretch", key=f"history-{job_id}")
-        importances = train_search.param_importances(store, job_id)
+        importances = cached_importances(job_id, int((trials["state"] == "complete").sum()))
         if importances:
             right.plotly_chart(figures.param_importances(importances), width="stretch", key=f"imp-{job_id}")
         else:

@@ -110,6 +110,7 @@ def test_three_trials_on_two_workers_share_one_sqlite_study_and_a_weak_trial_is_
 
     chart = history(starter, job_id)
     assert list(chart["number"]) == [0, 1, 2] and chart["best"].iloc[-1] == study.best_value
+    assert chart.loc[chart["number"] == weak.number, "value"].item() == weak.intermediate_values[1]  # drawn too
     importances = param_importances(starter, job_id)
     complete = int((trials["state"] == "complete").sum())
     assert importances == {} if complete < 2 else abs(sum(importances.values()) - 1) < 1e-6

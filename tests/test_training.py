@@ -261,6 +261,8 @@ def test_qlora_on_a_bf16_cpu_runs_the_output_head_in_bf16_with_the_fp32_loss_to_
         ({"model": "/nowhere/model"}, "no model"),
         ({"part": "test", "dataset": "empty"}, "no accepted pairs"),
         ({"evaluate_with": "llamacpp"}, "llamacpp needs the base model as GGUF"),
+        ({"eval_baseline_run": 999}, "no run with id 999"),
+        ({"model": "no-such-org/no-such-model"}, "neither a checkpoint folder nor a cached hub id"),
     ],
 )
 def test_bad_settings_are_refused(starter, tiny_llama, tmp_path, overrides, message):

@@ -132,3 +132,23 @@ def test_two_processes_under_accelerate_take_the_same_steps_as_one_process_takin
     assert one.keys() == two.keys()
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5), name
+
+
+def test_a_cancelled_two_process_run_saves_its_checkpoint_and_resumes_to_completion(starter, tiny_llama, monkeypatch):
+    monkeypatch.setenv(training.PROCESSES_ENV, "2")
+    job_id = training.start_training(starter, _config(tiny_llama, epochs=2, batch_size=1, evaluate_with="none"))
+    total = wait_until(lambda: jobs.get(starter, job_id).total, timeout=180)
+    wait_until(lambda: len(_steps(starter, job_id)) >= 3, timeout=180)
+    job = jobs.cancel(starter, job_id)
+    assert job.state == "cancelled", job.message
+    out = Path(os.environ["WORKBENCH_HOME"]) / "artifacts" / f"train-{job_id}"
+    saved = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert 3 <= saved < total
+
+    jobs.resume(starter, job_id)
+    job = jobs.wait(starter, job_id, timeout=600)
+    assert job.state == "done", (job.message, jobs.log_tail(starter, job_id, 20))
+    assert f"resuming at epoch {saved * 2 // total + 1}, step {saved} of {total}" in "\n".join(
+        jobs.log_tail(starter, job_id, 200)
+    )
+    assert _steps(starter, job_id) == list(range(1, total + 1))
