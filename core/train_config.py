@@ -25,6 +25,13 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def refuse_unknown(cls: type, values: dict[str, Any], what: str) -> None:
+    """BadInput naming every key of `values` that is not a field of the dataclass `cls`."""
+    unknown = set(values) - {f.name for f in fields(cls)}
+    if unknown:
+        raise BadInput(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     dataset: str = field(metadata={"help": "dataset whose accepted pairs are trained on"})
@@ -59,10 +66,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BadInput(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        refuse_unknown(cls, values, "training")
         values = dict(values)
         if "target_modules" in values:
             modules = values["target_modules"]

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from core.errors import BadInput, NotFound, WorkbenchError
 from core.jobs import JobContext
 from core.store import Store
 from core.sweep import optuna_storage
-from core.train_config import TrainConfig
+from core.train_config import TrainConfig, refuse_unknown
 
 SEARCHED = ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "epochs")
 OBJECTIVES = {"eval_loss": "minimize", "bertscore": "maximize"}
@@ -162,10 +162,7 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BadInput(f"unknown search setting(s): {', '.join(sorted(unknown))}")
+        refuse_unknown(cls, values, "search")
         values = dict(values)
         if isinstance(values.get("space"), dict):
             values["space"] = SearchSpace.from_dict(values["space"])

@@ -48,6 +48,9 @@ def baseline_choices() -> dict[int | None, str]:
     return choices
 
 
+BASELINES = baseline_choices()  # once per rerun: every form offers the same runs
+
+
 # ---- form parts (both forms draw them, under their own keys) --------------------------------------------
 
 
@@ -105,7 +108,7 @@ def loop_settings(key: str) -> dict:
 def evaluation_settings(key: str) -> dict:
     c1, c2, c3 = st.columns([2, 5, 2])
     engine = c1.selectbox("Evaluate with", EVAL_ENGINES, help=helptext("evaluate_with"), key=f"{key}-engine")
-    choices = baseline_choices()
+    choices = BASELINES
     baseline = c2.selectbox(
         "Decoding parameters at evaluation",
         list(choices),
@@ -269,7 +272,7 @@ def evaluation_section(job_id: int, out: str, eval_run_id: int | None) -> None:
     with st.form(f"evaluate-{job_id}"):
         c1, c2, c3 = st.columns([1, 3, 1])
         engine = c1.selectbox("Engine", evaluation.ENGINES, help=field_help(evaluation.EvalConfig, "backend"))
-        choices = baseline_choices()
+        choices = BASELINES
         baseline = c2.selectbox("Decoding parameters", list(choices), format_func=choices.get)
         limit = c3.number_input("Questions (0 = all)", 0, 100_000, 0)
         if st.form_submit_button("Evaluate again", icon=":material/fact_check:"):
