@@ -6,12 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 export WORKBENCH_HOME ?= $(CURDIR)/workspace
-# llama-cpp-python compiles from source; use both cores. pip's wheel cache keeps the build.
+# llama-cpp-python compiles from source (core/engine_build.py: for this CPU, minus AMX); use both cores.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: run test bench lint format browser models bootstrap shots clean
+.PHONY: run test bench lint format browser models bootstrap engine shots clean
 
 run: bootstrap models
 	$(PY) -m streamlit run workbench/app.py
@@ -30,16 +30,26 @@ lint: bootstrap
 format: bootstrap
 	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
 
+# The engine check runs every time (a no-op in well under a second when the installed engine was built
+# for this CPU with these flags), so a .venv moved to another CPU is rebuilt instead of crashing.
 bootstrap: $(STAMP)
+	@$(PY) -m core.engine_build --venv $(VENV)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml core/engine_build.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo ">> installing requirements into $(VENV) (first time: several minutes; llama-cpp-python compiles)"
 	# torch first, pinned: nothing may pull a newer (CUDA) build.
 	$(PY) -m pip install -q torch==2.13.0
+	# The engine before the requirements, so that pip finds its pinned version installed and never
+	# builds (or takes from its cache) a wheel with other flags.
+	$(PY) -m core.engine_build --venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
+
+# Rebuild llama-cpp-python for this CPU (without AMX kernels), whatever is installed or cached.
+engine: $(STAMP)
+	$(PY) -m core.engine_build --venv $(VENV) --rebuild
 
 # Idempotent: assembles and converts only what is missing (about a minute, once).
 models: bootstrap

@@ -1,15 +1,19 @@
 """Background jobs: long work (generation, sweeps, training) in its own process.
 
 A job is a row in the store plus a process `python -m workbench run-job ID` in its own
-process group. The process reports progress, figures, log lines and a heartbeat through
-the store; anyone (a page, the CLI) reads them back. Liveness is judged from the process
-itself (pid + start time), so a job whose process died is shown `interrupted`, never a
-stale `running`. A job function must commit each finished item, so that `resume` skips it.
+process group: a small supervisor (the group's leader, whose pid the row keeps) and the
+worker it starts, which runs the job's function. The worker reports progress, figures, log
+lines and a heartbeat through the store; anyone (a page, the CLI) reads them back. Liveness
+is judged from the supervisor (pid + start time), so a job whose processes died is shown
+`interrupted`, never a stale `running`; a worker that dies of a signal (a native crash, the
+OOM killer) is reported `failed` with the signal and its last log lines by its supervisor.
+A job function must commit each finished item, so that `resume` skips it.
 This module never knows what a job does; kinds are looked up in JOB_KINDS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -25,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from core import workspace
+from core import processes, workspace
 from core.errors import BadInput, NotFound, WorkbenchError
 from core.store import Store, now
 
@@ -192,6 +196,7 @@ def reconcile(store: Store) -> None:
     for row in rows:
         alive = _alive(row["pid"], row["pid_started"])
         if not alive and row["pid"] is not None:
+            processes.kill_group(row["pid"])  # its leader died: end what is left (ranks, workers)
             # Re-check under the write lock: the job may have finished on its own meanwhile.
             with store.transaction() as conn:
                 state = conn.execute("SELECT state FROM jobs WHERE id = ?", (row["id"],)).fetchone()[0]
@@ -211,13 +216,10 @@ def reconcile(store: Store) -> None:
 
 
 def _terminate_group(pid: int) -> None:
-    try:
-        pgid = os.getpgid(pid)
-        os.killpg(pgid, signal.SIGTERM)
-        time.sleep(1.0)
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    # The job's pid is its group's id (start_new_session), so this works after the leader died too.
+    processes.kill_group(pid, signal.SIGTERM)
+    time.sleep(1.0)
+    processes.kill_group(pid, signal.SIGKILL)
 
 
 def get(store: Store, job_id: int) -> JobInfo:
@@ -268,11 +270,28 @@ def cancel(store: Store, job_id: int, grace: float = CANCEL_GRACE_SECONDS) -> Jo
     return get(store, job_id)
 
 
+def _group_ended(pgid: int, grace: float = 3.0) -> bool:
+    """Whether every process of a stopped job's group is gone; waits `grace` seconds, then kills what is left.
+
+    A job that stopped by itself leaves its supervisor exiting for a few milliseconds more.
+    """
+    deadline = time.monotonic() + 2 * grace
+    while processes.group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        if time.monotonic() > deadline - grace:
+            processes.kill_group(pgid)
+        time.sleep(0.05)
+    return True
+
+
 def resume(store: Store, job_id: int) -> JobInfo:
     """Start a stopped job again; its function skips the items it already committed."""
     job = get(store, job_id)
     if not job.resumable:
         raise BadInput(f"job {job_id} is {job.state}; only interrupted, cancelled or failed jobs can be resumed")
+    if job.pid and not _group_ended(job.pid):  # two attempts must never share a device or a folder
+        raise BadInput(f"job {job_id}'s previous processes are still ending; resume it again in a moment")
     claimed = store.execute(
         "UPDATE jobs SET state = 'queued', cancel_requested_at = NULL, error = '', finished_at = NULL,"
         " message = 'resuming', pid = NULL WHERE id = ? AND state IN ('interrupted', 'cancelled', 'failed')",
@@ -387,7 +406,7 @@ def _claim(store: Store, job_id: int) -> Any:
                 (f"waiting for job {holder} to finish: one training job at a time on this device", now(), job_id),
             )
             return None
-        me = psutil.Process()
+        me = psutil.Process(os.getpgrp())  # the supervisor, whose group holds every process of the job
         conn.execute(
             "UPDATE jobs SET state = 'running', pid = ?, pid_started = ?, attempts = attempts + 1,"
             " started_at = COALESCE(started_at, ?), heartbeat_at = ?, finished_at = NULL, error = '' WHERE id = ?",
@@ -396,8 +415,47 @@ def _claim(store: Store, job_id: int) -> Any:
     return row
 
 
+def supervise(job_id: int) -> int:
+    """Body of `python -m workbench run-job ID`: run the job in a worker process, report how it ended.
+
+    SIGTERM (cancel's escalation, sent to the whole group) is meant for the worker; the
+    supervisor waits for it, so that it can tell a signal death from a job that ended itself.
+    """
+    log = workspace.jobs_dir() / f"{job_id}.log"
+    start = processes.log_size(log)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "run-job", str(job_id), "--worker"], cwd=PROJECT_ROOT
+    )  # stdout and stderr are the supervisor's: the job's log file
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    code = worker.wait()
+    with Store() as store:
+        row = store.one("SELECT state, pid FROM jobs WHERE id = ?", (job_id,))
+        if row is not None and row["state"] == "running" and row["pid"] == os.getpid():
+            _record_worker_death(store, job_id, code, processes.last_words(log, start))
+    for pid in processes.group_members(os.getpgrp()):  # ranks or search workers the worker left behind
+        if pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return 0 if code == 0 else 1
+
+
+def _record_worker_death(store: Store, job_id: int, code: int, tail: list[str]) -> None:
+    """The worker ended without recording how (killed, crashed): say so, with what it last wrote."""
+    reason = processes.exit_reason(code)
+    message = f"the job's process died of {reason}; resume to continue where it stopped"
+    for line in tail:
+        store.execute("INSERT INTO job_log (job_id, at, line) VALUES (?, ?, ?)", (job_id, now(), line[:2000]))
+    store.execute(
+        "UPDATE jobs SET state = 'failed', message = ?, error = ?, finished_at = ? WHERE id = ? AND state = 'running'",
+        (message, f"{reason}: {tail[-1]}" if tail else reason, now(), job_id),
+    )
+
+
 def run(job_id: int) -> str:
-    """Body of `python -m workbench run-job ID`: wait for the device if need be, claim the job, run it."""
+    """Body of the worker (`run-job ID --worker`): wait for the device if need be, claim the job, run it."""
+    import faulthandler
+
+    faulthandler.enable()  # a native crash leaves the Python stack in the job's log
     store = Store()
     while (row := _claim(store, job_id)) is None:
         if store.one("SELECT cancel_requested_at FROM jobs WHERE id = ?", (job_id,))["cancel_requested_at"]:

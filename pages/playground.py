@@ -78,14 +78,16 @@ if run and all(chosen):
                     return backend.stream(prompt, params, stop_sequences(template))
 
                 pieces = ui.attempt(stream)
+                failed = pieces is None
                 try:
                     for piece in pieces or []:
                         first = first or time.perf_counter() - started
                         text += piece
                         box.text(text)
-                except WorkbenchError as exc:  # a server that vanished mid-answer: keep what arrived
+                except WorkbenchError as exc:  # a server that vanished, an engine that crashed: keep what arrived
                     st.error(ui.plain(exc), icon=":material/error:")
-                if not text:
+                    failed = True
+                if not text and not failed:
                     box.text("(the model gave an empty answer: it stopped at once)")
                 total = time.perf_counter() - started
 

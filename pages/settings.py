@@ -26,6 +26,7 @@ st.dataframe(
     hide_index=True,
     width="stretch",
 )
+st.caption(ui.plain(ui.engine_summary()))
 if not all(s.ready for s in states):
     if st.button("Prepare the embedded models", icon=":material/download_for_offline:"):
         job_id = ui.attempt(lambda: jobs.submit(store, "prepare-models", {}))

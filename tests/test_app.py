@@ -1,9 +1,15 @@
 """The app's pages under Streamlit's AppTest: each renders without an exception and acts on its widgets."""
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import dataset, jobs, runs
+from core.engine_process import engine_log
 from core.store import Store
 
 PAGES = [
@@ -183,6 +189,41 @@ def test_the_playground_compares_two_settings_side_by_side(app, embedded_models)
     answers = [t.value for t in app.text if t.value.strip()]
     assert len(answers) >= 2 and len(answers[-1]) > len(answers[-2])  # B may use three times the tokens of A
     assert sum("first token" in c.value for c in app.caption) == 2
+
+
+def test_a_crash_of_the_playground_engine_is_an_error_and_the_next_run_answers(app, embedded_models):
+    """The engine runs in a process of its own: SIGSEGV it mid-answer and the app keeps serving."""
+    from workbench import ui
+
+    ui.loaded_backend.clear()  # an engine of its own, logging to this test's workspace
+    log = engine_log()
+    crashed = []
+
+    def crash_when_answering():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not crashed:
+            lines = [line for line in log.read_text().splitlines() if "answering" in line] if log.exists() else []
+            if lines:
+                pid = int(lines[-1].split("engine ")[1].split(":")[0])
+                os.kill(pid, signal.SIGSTOP)  # frozen mid-answer, then crashed where it stands
+                os.kill(pid, signal.SIGSEGV)
+                os.kill(pid, signal.SIGCONT)
+                crashed.append(pid)
+            time.sleep(0.01)
+
+    open_page(app, "../pages/playground.py")
+    app.slider(key="pg0-t").set_value(0.0)
+    app.slider(key="pg0-m").set_value(400)
+    watcher = threading.Thread(target=crash_when_answering, daemon=True)
+    watcher.start()
+    click(app, "Run")
+    watcher.join(timeout=5)
+    assert crashed and any("died of SIGSEGV" in e.value for e in app.error), [e.value for e in app.error]
+
+    app.slider(key="pg0-m").set_value(16)
+    click(app, "Run")
+    assert not app.error and app.text[-1].value.strip()
+    assert any("first token" in c.value for c in app.caption)
 
 
 def test_the_sweep_page_starts_a_sweep_and_shows_its_results(app):

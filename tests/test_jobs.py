@@ -4,9 +4,10 @@ import json
 import os
 import signal
 
+import psutil
 import pytest
 
-from core import jobs, runs
+from core import jobs, processes, runs
 from core.decoding import DecodingParams
 from core.errors import BadInput
 from tests.conftest import run_cli, wait_until
@@ -54,6 +55,29 @@ def test_a_killed_job_shows_interrupted_and_resumes_exactly_once(starter):
         "SELECT pair_id, repeat, COUNT(*) AS n FROM generations WHERE run_id = ? GROUP BY 1, 2", (run_id,)
     )
     assert len(rows) == job.total and all(r["n"] == 1 for r in rows)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL])
+def test_a_job_whose_process_dies_of_a_signal_is_failed_with_the_signal_and_its_last_lines(starter, sig):
+    run_id = echo_run(starter, 0.15)
+    job_id = jobs.submit(starter, "generate", {"run_id": run_id})
+    job = wait_until(lambda: (j := jobs.get(starter, job_id)).done >= 2 and j)
+    worker = psutil.Process(job.pid).children()[0]  # the supervisor (job.pid) runs the job in a worker
+    assert "--worker" in worker.cmdline() and os.getpgid(worker.pid) == job.pid
+    os.kill(worker.pid, sig)
+    job = wait_until(lambda: (j := jobs.get(starter, job_id)).state != "running" and j, timeout=15)
+    assert job.state == "failed" and job.resumable
+    assert f"died of {sig.name} (signal {int(sig)})" in job.message
+    log = "\n".join(jobs.log_tail(starter, job_id))
+    if sig == signal.SIGSEGV:  # the worker's own last words, from its log file
+        assert "Fatal Python error: Segmentation fault" in log
+    wait_until(lambda: not processes.group_members(job.pid), timeout=10)  # the supervisor exits, nothing is left
+
+    jobs.resume(starter, job_id)
+    job = jobs.wait(starter, job_id, timeout=90)
+    assert job.state == "done" and job.attempts == 2
+    counts = starter.query("SELECT COUNT(*) AS n FROM generations WHERE run_id = ? GROUP BY pair_id, repeat", (run_id,))
+    assert len(counts) == job.total and {r["n"] for r in counts} == {1}
 
 
 def test_cancel_stops_a_job_between_items(starter):

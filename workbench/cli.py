@@ -140,8 +140,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_run_job(args: argparse.Namespace) -> int:
+    if not args.worker:
+        return jobs.supervise(args.job_id)
     state = jobs.run(args.job_id)
     return 0 if state in ("done", "cancelled") else 1
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from core import engine, engine_process
+
+    if args.info:
+        print(engine.engine_report().summary())
+        return 0
+    return engine_process.serve()
 
 
 def cmd_generate_qa(args: argparse.Namespace) -> int:
@@ -292,8 +303,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_models(args: argparse.Namespace) -> int:
+    from core.engine_process import describe_engine
+
     for state in models.prepare_all(progress=lambda msg: print(msg, flush=True)):
         print(f"{'ready' if state.ready else 'MISSING':8} {state.name:20} {state.role}: {state.path}")
+    print(describe_engine())
     return 0
 
 
@@ -458,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run-job", cmd_run_job, "Run a job in this process (used by the job runner; not for everyday use).")
     p.add_argument("job_id", type=int, help="id of the job to run")
+    p.add_argument("--worker", action="store_true", help="run the job's function here, without a supervisor")
+
+    p = command("engine", cmd_engine, "Serve a generation engine over stdin/stdout (used by the Playground).")
+    p.add_argument("--info", action="store_true", help="print the llama.cpp engine's CPU features and exit")
 
     p = command(
         "generate-qa",

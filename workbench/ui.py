@@ -206,11 +206,22 @@ JOB_COLUMNS = {
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model ...")
 def loaded_backend(name: str, model: str, host: str = ""):
-    """A backend kept loaded across reruns and sessions, so the next answer starts at once."""
-    from core.backends import make_backend
+    """A backend kept loaded across reruns and sessions, so the next answer starts at once.
+
+    Native engines run in a process of their own: a crash there is an error banner, not the end of the app.
+    """
+    from core.engine_process import isolated_backend
 
     options = {"host": host} if name == "ollama" else {}
-    return make_backend(name, model or None, **options)
+    return isolated_backend(name, model or None, **options)
+
+
+@st.cache_data(ttl=3600, show_spinner="Asking the llama.cpp engine for its CPU features ...")
+def engine_summary() -> str:
+    """One line on the installed engine, from a process of its own (loading it here could crash the app)."""
+    from core.engine_process import describe_engine
+
+    return describe_engine()
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the BERTScore model ...")

@@ -18,6 +18,9 @@ BACKENDS: dict[str, str] = {
     "ollama": "core.backends.ollama:OllamaBackend",
     "echo": "core.backends.echo:EchoBackend",
 }
+# Backends that run a native engine in the calling process (a long-lived process isolates them:
+# core.engine_process).
+NATIVE_BACKENDS = ("llamacpp", "transformers")
 # What a person picks from; `echo` exists for tests and demos of the plumbing.
 USER_BACKENDS = ("llamacpp", "transformers", "ollama")
 

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from core import models
+from core import engine, models
 from core.backends.base import cut_at_stop, visible_pieces
 from core.decoding import DecodingParams
 from core.errors import BackendUnavailable
@@ -50,18 +50,23 @@ class LlamaCppBackend:
     def llm(self) -> Any:
         if self._llm is None:
             try:
-                from llama_cpp import Llama
+                with engine.load_guard():
+                    from llama_cpp import Llama
 
-                self._llm = Llama(
-                    model_path=self.model_path,
-                    lora_path=self.lora_path,
-                    n_ctx=self.n_ctx,
-                    n_threads=self.n_threads,
-                    verbose=False,
-                )
+                    self._llm = Llama(
+                        model_path=self.model_path,
+                        lora_path=self.lora_path,
+                        n_ctx=self.n_ctx,
+                        n_threads=self.n_threads,
+                        verbose=False,
+                    )
             except (ValueError, RuntimeError, OSError) as exc:
                 raise BackendUnavailable(f"llama.cpp could not load {self.model_path}: {exc}") from None
         return self._llm
+
+    def load(self) -> None:
+        """Load the model now (it otherwise loads at the first answer)."""
+        _ = self.llm
 
     def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
         answers = []
