@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -50,7 +51,11 @@ DEVICE_KINDS = ("train", "train-search")
 ACTIVE = ("queued", "running")
 RESUMABLE = ("interrupted", "cancelled", "failed")
 HEARTBEAT_SECONDS = 2.0
-CANCEL_GRACE_SECONDS = 5.0
+# No heartbeat for this long: the job is shown "not responding" (a hung native call, a deadlock). A
+# cancelled job is only forced to stop once it is not responding: one that still beats is finishing its
+# step or writing its checkpoint, however long that takes.
+HEARTBEAT_STALE_SECONDS = 30.0
+CANCEL_GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -80,6 +85,16 @@ class JobInfo:
     finished_at: float | None
     cancel_requested: bool = False
     seconds_running: float = field(default=0.0)
+    heartbeat_at: float | None = None
+
+    @property
+    def silent_for(self) -> float | None:
+        """Seconds since a running job last reported (None when it is not running or never beat)."""
+        return now() - self.heartbeat_at if self.state == "running" and self.heartbeat_at else None
+
+    @property
+    def responding(self) -> bool:
+        return self.silent_for is None or self.silent_for < HEARTBEAT_STALE_SECONDS
 
     @property
     def fraction(self) -> float:
@@ -118,6 +133,7 @@ def _row_to_info(row: Any) -> JobInfo:
         finished_at=row["finished_at"],
         cancel_requested=row["cancel_requested_at"] is not None,
         seconds_running=(end - started) if started and end else 0.0,
+        heartbeat_at=row["heartbeat_at"],
     )
 
 
@@ -211,15 +227,21 @@ def reconcile(store: Store) -> None:
                             row["id"],
                         ),
                     )
-        elif alive and row["cancel_requested_at"] and now() - row["cancel_requested_at"] > CANCEL_GRACE_SECONDS:
-            _terminate_group(row["pid"])
+        elif alive and row["cancel_requested_at"] and row["state"] == "running":
+            _force_if_not_responding(row)
 
 
-def _terminate_group(pid: int) -> None:
-    # The job's pid is its group's id (start_new_session), so this works after the leader died too.
-    processes.kill_group(pid, signal.SIGTERM)
-    time.sleep(1.0)
-    processes.kill_group(pid, signal.SIGKILL)
+def _force_if_not_responding(row: Any) -> None:
+    """A cancelled job that stopped reporting gets SIGTERM, and SIGKILL if it is still silent a grace later.
+
+    The heartbeat's age is the clock, so nobody waits here: each reader's reconcile does the next step.
+    The job's pid is its group's id (start_new_session), so this works after the leader died too.
+    """
+    silent = now() - max(row["heartbeat_at"] or 0.0, row["cancel_requested_at"])
+    if silent > HEARTBEAT_STALE_SECONDS + CANCEL_GRACE_SECONDS:
+        processes.kill_group(row["pid"], signal.SIGKILL)
+    elif silent > HEARTBEAT_STALE_SECONDS:
+        processes.kill_group(row["pid"], signal.SIGTERM)
 
 
 def get(store: Store, job_id: int) -> JobInfo:
@@ -253,21 +275,28 @@ def request_cancel(store: Store, job_id: int) -> JobInfo:
     return get(store, job_id)
 
 
-def cancel(store: Store, job_id: int, grace: float = CANCEL_GRACE_SECONDS) -> JobInfo:
-    """Cancel and wait: the job gets `grace` seconds to stop by itself, then its group is killed."""
+def cancel(store: Store, job_id: int, wait: float = 120.0) -> JobInfo:
+    """Cancel and wait up to `wait` seconds for the job to stop (it may still be running when this returns)."""
     request_cancel(store, job_id)
-    deadline = time.monotonic() + grace + 3.0
-    while time.monotonic() < deadline:
-        job = get(store, job_id)
-        if job.state not in ACTIVE:
-            return job
+    deadline = time.monotonic() + wait
+    job = get(store, job_id)
+    while job.state in ACTIVE and time.monotonic() < deadline:
         time.sleep(0.2)
-    row = store.one("SELECT pid FROM jobs WHERE id = ?", (job_id,))
-    if row["pid"]:
-        _terminate_group(row["pid"])
+        job = get(store, job_id)
+    return job
 
-    time.sleep(0.5)
-    return get(store, job_id)
+
+def kill(store: Store, job_id: int) -> JobInfo:
+    """End a job's processes at once (for a job that is not responding); it stays resumable."""
+    job = get(store, job_id)
+    if job.state not in ACTIVE:
+        raise BadInput(f"job {job_id} is {job.state}; only a queued or running job can be killed")
+    store.execute(
+        "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, ?) WHERE id = ?", (now(), job_id)
+    )
+    if job.pid:
+        processes.kill_group(job.pid, signal.SIGKILL)
+    return wait(store, job_id, timeout=10)
 
 
 def _group_ended(pgid: int, grace: float = 3.0) -> bool:
@@ -370,10 +399,14 @@ def _load_kind(kind: str):
 
 
 def _heartbeat(job_id: int, stop: threading.Event) -> None:
+    """Beat until stopped; a failed write (a locked or briefly unavailable store) is retried at the next beat."""
     store = Store()
     try:
         while not stop.wait(HEARTBEAT_SECONDS):
-            store.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (now(), job_id))
+            try:
+                store.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (now(), job_id))
+            except sqlite3.Error as exc:
+                print(f"heartbeat of job {job_id} not written: {exc}", file=sys.stderr, flush=True)
     finally:
         store.close()
 
@@ -392,13 +425,21 @@ def device_holder(store: Store, job_id: int, kind: str) -> int | None:
 
 
 def _claim(store: Store, job_id: int) -> Any:
-    """Mark the job running (in one write transaction with the device check); None while it must wait."""
+    """Mark the job running (in one write transaction with the device check); None while it must wait,
+    "cancelled" when a cancel was asked for before it could start."""
     with store.transaction() as conn:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no job with id {job_id}")
-        if row["state"] not in ("queued", *RESUMABLE):
-            raise BadInput(f"job {job_id} is {row['state']}; it cannot be run again")
+        if row["state"] != "queued":  # e.g. cancelled between its process's start and its first step
+            raise BadInput(f"job {job_id} is {row['state']}; only a queued job starts (resume it to run it again)")
+        if row["cancel_requested_at"] is not None:
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', message = 'cancelled before it started', finished_at = ?"
+                " WHERE id = ?",
+                (now(), job_id),
+            )
+            return "cancelled"
         holder = device_holder(store, job_id, row["kind"])
         if holder is not None:
             conn.execute(
@@ -458,13 +499,9 @@ def run(job_id: int) -> str:
     faulthandler.enable()  # a native crash leaves the Python stack in the job's log
     store = Store()
     while (row := _claim(store, job_id)) is None:
-        if store.one("SELECT cancel_requested_at FROM jobs WHERE id = ?", (job_id,))["cancel_requested_at"]:
-            store.execute(
-                "UPDATE jobs SET state = 'cancelled', message = ?, finished_at = ? WHERE id = ?",
-                ("cancelled while waiting for the device", now(), job_id),
-            )
-            return "cancelled"
         time.sleep(HEARTBEAT_SECONDS)
+    if row == "cancelled":  # asked to stop before it started, or while it waited for the device
+        return "cancelled"
     ctx = JobContext(store, job_id, json.loads(row["params"]))
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(job_id, stop), daemon=True)

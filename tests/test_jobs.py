@@ -90,14 +90,6 @@ def test_cancel_stops_a_job_between_items(starter):
         jobs.cancel(starter, job_id)
 
 
-def test_a_job_that_ignores_cancel_is_killed_after_the_grace_period(starter, monkeypatch):
-    monkeypatch.setattr(jobs, "CANCEL_GRACE_SECONDS", 1.0)
-    job_id = jobs.submit(starter, "generate", {"run_id": echo_run(starter, 60.0)})  # one item takes a minute
-    wait_until(lambda: jobs.get(starter, job_id).state == "running")
-    job = jobs.cancel(starter, job_id, grace=1.0)
-    assert job.state == "cancelled"
-
-
 def test_a_failing_job_records_a_one_line_reason(starter):
     run_id = runs.create_run(
         starter,

@@ -129,7 +129,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     with Store() as store:
         job = jobs.cancel(store, args.job_id)
-    print(f"job {job.id}: {job.state}")
+    still = "; it stops after its current step" if job.state in jobs.ACTIVE else ""
+    print(f"job {job.id}: {job.state}{' (cancel requested)' if still else ''}{still}")
     return 0
 
 

@@ -149,6 +149,17 @@ def job_panel(job_id: int, log_lines: int = 12, figures: bool = True) -> None:
                 attempt(lambda: jobs.request_cancel(store(), job.id), "cancel requested")
             if job.resumable and resume.button("Resume", key=f"resume-{job.id}", icon=":material/play_arrow:"):
                 attempt(lambda: jobs.resume(store(), job.id), f"job {job.id} resumed")
+            if not job.responding:
+                since = time.strftime("%H:%M:%S", time.localtime(job.heartbeat_at))
+                st.warning(
+                    f"Not responding since {since} (no report for {_fmt_seconds(job.silent_for)}); "
+                    "it may be stuck in a native call. Kill ends its processes; it stays resumable.",
+                    icon=":material/hourglass_disabled:",
+                )
+                if st.button("Kill", key=f"kill-{job.id}", icon=":material/dangerous:"):
+                    attempt(lambda: jobs.kill(store(), job.id), "job killed")
+            elif active and job.cancel_requested:
+                st.caption("Cancel requested: it stops after its current step (a checkpoint is written first).")
             label = f"{job.done}/{job.total}" if job.total else f"{job.done}"
             left = _fmt_seconds(job.seconds_left)
             st.progress(job.fraction, text=f"{label}{' · ' + left + ' left' if left else ''} · {plain(job.message)}")
