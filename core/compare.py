@@ -1,7 +1,8 @@
 """Comparing runs: per-question scores side by side, honest statistics between runs, and what differs.
 
 Runs are compared only when their numbers mean the same thing: one scorer stamp, one dataset,
-one split version and part, and at least one question in common (`check_comparable`). Differences
+one split version and part, the same question and reference texts (each run froze them when it was
+made), and at least one question in common (`check_comparable`). Differences
 between runs are paired on the questions both answered, with a bootstrap interval, a Wilcoxon
 signed-rank test and an effect size. This module reads the store and never writes it, never draws.
 """
@@ -89,12 +90,28 @@ def check_comparable(store: Store, run_ids: Sequence[int]) -> None:
         if len(set(values.values())) > 1:
             listed = "; ".join(f"run {i}: {v if v is not None else 'none'}" for i, v in values.items())
             raise BadInput(f"the runs have different {what} ({listed})")
+    if edited := _edited_between(store, run_ids):
+        first = edited[0]
+        raise BadInput(
+            f"the runs were asked or scored on different texts of {len(edited)} question(s): pair"
+            f" {first['pair_id']} was edited between runs {first['run_ids']}; compare runs made on the same texts"
+        )
     shared: set[int] | None = None
     for run_id in run_ids:
         scored = _scores(store, run_id).dropna(subset=["f1"])
         shared = set(scored["pair_id"]) if shared is None else shared & set(scored["pair_id"])
     if not shared:
         raise BadInput("the runs have no scored question in common")
+
+
+def _edited_between(store: Store, run_ids: Sequence[int]) -> list:
+    """The questions these runs share whose frozen question or reference text differs between them."""
+    return store.query(
+        "SELECT pair_id, GROUP_CONCAT(run_id, ', ') AS run_ids FROM run_pairs"
+        f" WHERE run_id IN ({','.join('?' * len(run_ids))}) GROUP BY pair_id"
+        " HAVING COUNT(DISTINCT question) > 1 OR COUNT(DISTINCT reference) > 1 ORDER BY pair_id",
+        tuple(run_ids),
+    )
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,8 @@ def decoding_params(store: Store, baseline_run: int | None) -> DecodingParams:
     return runs.get_run(store, baseline_run).params
 
 
-def create_eval_run(store: Store, config: EvalConfig) -> runs.Run:
-    """Check everything and record the run (nothing is generated yet); refuses bad settings with BadInput."""
+def _prepare_eval(store: Store, config: EvalConfig) -> tuple[runs.RunSpec, runs.Prepared, EvalConfig]:
+    """Check everything and hash the base model (slow) before anything is written; refuses bad settings."""
     if config.backend not in ENGINES:
         raise BadInput(f"evaluation engine must be one of {', '.join(ENGINES)}, got {config.backend!r}")
     trained = train_settings(config.train_dir)
@@ -99,7 +99,6 @@ def create_eval_run(store: Store, config: EvalConfig) -> runs.Run:
         model, adapter = _base_gguf(config, trained), str(gguf_adapter_path(train_dir))
     else:
         model, adapter = trained["resolved_model"], str(train_dir / "adapter")
-    config = replace(config, train_dir=str(train_dir))
     spec = runs.RunSpec(
         dataset=trained["dataset"],
         backend=config.backend,
@@ -114,12 +113,17 @@ def create_eval_run(store: Store, config: EvalConfig) -> runs.Run:
         backend_options={},
         scorer=scoring.scorer_stamp(config.scorer),
     )
-    run_id = runs.create_run(store, spec)
-    store.execute(
-        "UPDATE runs SET config = json_set(config, '$.evaluation', json(?)) WHERE id = ?",
-        (json.dumps(config.to_dict()), run_id),
-    )
-    return runs.get_run(store, run_id)
+    return spec, runs.prepare_run(store, spec), replace(config, train_dir=str(train_dir))
+
+
+def _record_eval(store: Store, spec: runs.RunSpec, prepared: runs.Prepared, config: EvalConfig) -> int:
+    """The run with its evaluation settings, in one insert (a run without them could not be evaluated)."""
+    return runs.record_run(store, spec, prepared, extra_config={"evaluation": config.to_dict()})
+
+
+def create_eval_run(store: Store, config: EvalConfig) -> runs.Run:
+    """Check everything and record the run (nothing is generated yet); refuses bad settings with BadInput."""
+    return runs.get_run(store, _record_eval(store, *_prepare_eval(store, config)))
 
 
 def ensure_gguf_adapter(run: runs.Run, log=print) -> None:
@@ -189,11 +193,17 @@ def evaluate_training(
 
 
 def start_evaluation(store: Store, config: EvalConfig) -> tuple[runs.Run, int]:
-    """Record the evaluation run (refusing bad settings first) and start its job."""
-    run = create_eval_run(store, config)
-    job_id = jobs.submit(store, "evaluate", {"run_id": run.id})
-    store.execute("UPDATE runs SET job_id = ? WHERE id = ?", (job_id, run.id))
-    return run, job_id
+    """Record the evaluation run (refusing bad settings first) and start its job.
+
+    The run and its job are one transaction (as a sweep's, see core.sweep.start_sweep): a crash leaves
+    both or neither, never a run no job will fill.
+    """
+    prepared = _prepare_eval(store, config)
+    with store.transaction():
+        run_id = _record_eval(store, *prepared)
+        job_id = jobs.submit(store, "evaluate", {"run_id": run_id})
+        store.execute("UPDATE runs SET job_id = ? WHERE id = ?", (job_id, run_id))
+    return runs.get_run(store, run_id), job_id
 
 
 def run_evaluate_job(ctx: JobContext) -> None:

@@ -1,7 +1,8 @@
 """Producing a run's answers: the `generate` job kind.
 
 Each answer is committed as soon as it exists, keyed by (run, pair, repeat), so a job that
-is killed at any moment and resumed generates every item exactly once. Backend failures
+is killed at any moment and resumed generates every item exactly once. A prompt is the question
+as the run froze it when it was made (`runs.run_pairs`), whatever is edited since. Backend failures
 the user can fix (server down, unknown model, timeout) pause the job, keeping what was done.
 """
 

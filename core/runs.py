@@ -1,7 +1,10 @@
 """Runs: one backend + model + adapter + decoding parameters applied to one slice of a dataset.
 
 A run is stamped with everything needed to reproduce it (split version, model fingerprint,
-prompt template, parameters); its generations and scores hang off it. This module records
+prompt template, parameters, and its questions with the question and reference texts frozen when
+it is made, `run_pairs`); its generations and scores hang off it. Making a run does its slow part
+(hashing the model file) before its quick write (`prepare_run`, then `record_run`), so a caller
+can put that write in its own transaction without holding the store's write lock for long. This module records
 and lists runs; producing answers is core.generation, scoring is core.scoring.
 """
 
@@ -122,39 +125,92 @@ def check_spec(store: Store, spec: RunSpec) -> tuple[str, ds.SplitInfo | None]:
     return resolve_model(store, spec.backend, spec.model), split
 
 
-def create_run(store: Store, spec: RunSpec) -> int:
-    """Record a run; its pairs are fixed now (the split version in force) so reruns see the same questions."""
-    model, split = check_spec(store, spec)
-    pair_ids = _questions(store, spec.dataset, spec.part, split.id if split else None, spec.limit)
-    if not pair_ids:
-        raise BadInput(f"dataset {spec.dataset!r} has no accepted pairs in part {spec.part!r}")
-    config = {
-        "limit": spec.limit,
-        "repeats": spec.repeats,
-        "backend_options": spec.backend_options,
-        "pair_ids": pair_ids,
-    }
+@dataclass(frozen=True)
+class Prepared:
+    """What a run is made from, found before anything is written: its model (hashed: the slow part, kept
+    out of any write transaction), its split, and its questions with the texts they have now."""
 
-    return store.execute(
-        "INSERT INTO runs (kind, label, dataset_id, split_id, part, backend, model, model_hash, adapter, params,"
-        " prompt_template, config, scorer, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            spec.kind,
-            spec.label,
-            ds.dataset_id(store, spec.dataset),
-            split.id if split else None,
-            spec.part,
-            spec.backend,
-            model,
-            model_fingerprint(store, model),
-            spec.adapter,
-            json.dumps(spec.params.to_dict()),
-            spec.prompt_template,
-            json.dumps(config),
-            spec.scorer,
-            now(),
-        ),
-    ).lastrowid
+    model: str
+    model_hash: str
+    split: ds.SplitInfo | None
+    pairs: list[ds.StoredPair]
+
+
+def prepare_run(store: Store, spec: RunSpec) -> Prepared:
+    """Check a run and do its slow part (hashing a possibly multi-GB model file); writes nothing but that hash."""
+    model, split = check_spec(store, spec)
+    pairs = ds.select_pairs(store, spec.dataset, spec.part, "accepted", split_id=split.id if split else None)
+    pairs = pairs[: spec.limit] if spec.limit else pairs
+    if not pairs:
+        raise BadInput(f"dataset {spec.dataset!r} has no accepted pairs in part {spec.part!r}")
+    return Prepared(model, model_fingerprint(store, model), split, pairs)
+
+
+def record_run(
+    store: Store,
+    spec: RunSpec,
+    prepared: Prepared,
+    sweep_id: int | None = None,
+    job_id: int | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> int:
+    """Insert a prepared run with its questions' texts frozen; quick, so it may join the caller's transaction."""
+    config = {"limit": spec.limit, "repeats": spec.repeats, "backend_options": spec.backend_options}
+    with store.transaction() as conn:
+        run_id = conn.execute(
+            "INSERT INTO runs (kind, label, dataset_id, split_id, part, backend, model, model_hash, adapter, params,"
+            " prompt_template, config, scorer, sweep_id, job_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                spec.kind,
+                spec.label,
+                ds.dataset_id(store, spec.dataset),
+                prepared.split.id if prepared.split else None,
+                spec.part,
+                spec.backend,
+                prepared.model,
+                prepared.model_hash,
+                spec.adapter,
+                json.dumps(spec.params.to_dict()),
+                spec.prompt_template,
+                json.dumps({**config, **(extra_config or {})}),
+                spec.scorer,
+                sweep_id,
+                job_id,
+                now(),
+            ),
+        ).lastrowid
+        freeze_pairs(store, "run", run_id, prepared.pairs)
+    return run_id
+
+
+def create_run(store: Store, spec: RunSpec) -> int:
+    """Record a run; its questions and their texts are fixed now, so reruns and edits see the same questions."""
+    return record_run(store, spec, prepare_run(store, spec))
+
+
+# A run's questions (and a sweep's, for the runs it makes later) with the texts they had when it was made.
+_FROZEN_TABLES = {"run": "run_pairs", "sweep": "sweep_pairs"}
+
+
+def freeze_pairs(store: Store, owner: str, owner_id: int, pairs: list[ds.StoredPair]) -> None:
+    """Keep these pairs' texts as they are now for a run or a sweep (`owner`)."""
+    with store.transaction() as conn:
+        conn.executemany(
+            f"INSERT INTO {_FROZEN_TABLES[owner]} ({owner}_id, position, pair_id, question, reference, field)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(owner_id, i, p.id, p.question, p.answer, p.field) for i, p in enumerate(pairs)],
+        )
+
+
+def frozen_pairs(store: Store, owner: str, owner_id: int) -> list[ds.StoredPair]:
+    """The pairs a run or a sweep froze, in their order, with the texts frozen (`answer` is the reference)."""
+    rows = store.query(
+        f"SELECT pair_id, question, reference, field FROM {_FROZEN_TABLES[owner]} WHERE {owner}_id = ?"
+        " ORDER BY position",
+        (owner_id,),
+    )
+    return [ds.StoredPair(r["pair_id"], r["question"], r["reference"], r["field"]) for r in rows]
 
 
 _RUN_SQL = (
@@ -197,14 +253,10 @@ def get_run(store: Store, run_id: int) -> Run:
     return _to_run(row)
 
 
-def _questions(store: Store, dataset: str, part: str, split_id: int | None, limit: int | None) -> list[int]:
-    pairs = ds.select_pairs(store, dataset, part, "accepted", split_id=split_id)
-    return [p.id for p in (pairs[:limit] if limit else pairs)]
-
-
 def run_pairs(store: Store, run: Run) -> list[ds.StoredPair]:
-    """The questions a run asks: fixed when it was created, whatever is accepted or rejected later."""
-    return ds.pairs_by_id(store, run.config["pair_ids"])
+    """The questions a run asks and the references it is scored on: fixed when it was created, whatever
+    is edited, accepted or rejected later."""
+    return frozen_pairs(store, "run", run.id)
 
 
 def list_runs(store: Store) -> list[RunSummary]:

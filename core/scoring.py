@@ -424,8 +424,12 @@ def dataset_baseline(store: Store, dataset_id: int, config: ScorerConfig) -> Bas
 _UNSCORED = "NOT EXISTS (SELECT 1 FROM scores s WHERE s.generation_id = g.id AND s.scorer = ?)"
 
 
+# An answer is scored against the reference its run froze when it was made, never the pair's current text.
+_FROZEN = "JOIN run_pairs rp ON rp.run_id = g.run_id AND rp.pair_id = g.pair_id"
+
+
 def score_generations(store: Store, generation_ids: list[int], config: ScorerConfig) -> int:
-    """Score these generations against their pairs' reference answers; returns how many were new.
+    """Score these generations against their runs' frozen reference answers; returns how many were new.
 
     Generations already scored with this stamp are skipped, and the scores land in one
     transaction with INSERT OR IGNORE, so a job killed and resumed never scores one twice.
@@ -435,9 +439,8 @@ def score_generations(store: Store, generation_ids: list[int], config: ScorerCon
     for start in range(0, len(generation_ids), _SQL_CHUNK):
         chunk = generation_ids[start : start + _SQL_CHUNK]
         rows += store.query(
-            "SELECT g.id, g.answer, p.answer AS reference, p.dataset_id FROM generations g"
-            f" JOIN pairs p ON p.id = g.pair_id WHERE g.id IN ({','.join('?' * len(chunk))}) AND {_UNSCORED}"
-            " ORDER BY g.id",
+            "SELECT g.id, g.answer, rp.reference, r.dataset_id FROM generations g JOIN runs r ON r.id = g.run_id"
+            f" {_FROZEN} WHERE g.id IN ({','.join('?' * len(chunk))}) AND {_UNSCORED} ORDER BY g.id",
             (*chunk, stamp),
         )
     if not rows:
@@ -496,9 +499,9 @@ def run_scores(store: Store, run_id: int, stamp: str | None = None) -> pd.DataFr
             raise BadInput(f"run {run_id} has scores from {len(stamps)} scorers; choose one of: {', '.join(stamps)}")
         stamp = stamps[0] if stamps else ""
     rows = store.query(
-        "SELECT g.pair_id, g.repeat, p.question, p.answer AS reference, g.answer,"
-        " s.precision, s.recall, s.f1, s.f1_rescaled, s.rouge_l FROM generations g"
-        " JOIN pairs p ON p.id = g.pair_id LEFT JOIN scores s ON s.generation_id = g.id AND s.scorer = ?"
+        "SELECT g.pair_id, g.repeat, rp.question, rp.reference, g.answer,"
+        f" s.precision, s.recall, s.f1, s.f1_rescaled, s.rouge_l FROM generations g {_FROZEN}"
+        " LEFT JOIN scores s ON s.generation_id = g.id AND s.scorer = ?"
         " WHERE g.run_id = ? ORDER BY g.id",
         (stamp, run_id),
     )

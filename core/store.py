@@ -217,6 +217,38 @@ MIGRATIONS: list[str] = [
         UNIQUE (rater, pair_id, run_a, run_b)
     );
     """,
+    # 5: a run asks and is scored on the texts its questions had when it was made (an edit later changes
+    # neither its prompts nor its references); a sweep freezes its questions once for all its runs,
+    # an Optuna trial's run made later included. Runs and sweeps made before this migration get the
+    # texts their pairs have now: what they were before an edit is not known at this point.
+    """
+    CREATE TABLE run_pairs (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        pair_id INTEGER NOT NULL REFERENCES pairs(id),
+        question TEXT NOT NULL,
+        reference TEXT NOT NULL,
+        field TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (run_id, pair_id)
+    );
+    INSERT INTO run_pairs (run_id, position, pair_id, question, reference, field)
+        SELECT r.id, j.key, p.id, p.question, p.answer, p.field
+        FROM runs r, json_each(r.config, '$.pair_ids') j JOIN pairs p ON p.id = j.value;
+    CREATE TABLE sweep_pairs (
+        sweep_id INTEGER NOT NULL REFERENCES sweeps(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        pair_id INTEGER NOT NULL REFERENCES pairs(id),
+        question TEXT NOT NULL,
+        reference TEXT NOT NULL,
+        field TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (sweep_id, pair_id)
+    );
+    ALTER TABLE sweeps ADD COLUMN split_id INTEGER REFERENCES splits(id);
+    UPDATE sweeps SET split_id = (SELECT r.split_id FROM runs r WHERE r.sweep_id = sweeps.id ORDER BY r.id LIMIT 1);
+    INSERT INTO sweep_pairs (sweep_id, position, pair_id, question, reference, field)
+        SELECT r.sweep_id, rp.position, rp.pair_id, rp.question, rp.reference, rp.field FROM run_pairs rp
+        JOIN runs r ON r.id = rp.run_id WHERE r.id = (SELECT MIN(id) FROM runs WHERE sweep_id = r.sweep_id);
+    """,
 ]
 
 

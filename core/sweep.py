@@ -1,6 +1,7 @@
 """Decoding-parameter sweeps: a grid (or an Optuna search) of configurations, one run each.
 
-A sweep is a row in `sweeps` plus one run per configuration, all on the same questions, and
+A sweep is a row in `sweeps` plus one run per configuration, all on the same questions (their texts
+frozen when the sweep is made, for the runs an Optuna search makes later too), and
 one background job that generates and scores every (question, configuration, repeat) exactly
 once: each answer is committed as it is produced and scored right after, and a resumed job
 skips what is already there. The backend is loaded once for the whole sweep.
@@ -137,13 +138,15 @@ class Sweep:
     config: SweepConfig
     job_id: int | None
     created_at: float
+    split_id: int | None = None  # the split its questions were drawn from when it was made
 
 
 def get_sweep(store: Store, sweep_id: int) -> Sweep:
     row = store.one("SELECT * FROM sweeps WHERE id = ?", (sweep_id,))
     if row is None:
         raise NotFound(f"no sweep with id {sweep_id}")
-    return Sweep(row["id"], SweepConfig.from_dict(json.loads(row["config"])), row["job_id"], row["created_at"])
+    config = SweepConfig.from_dict(json.loads(row["config"]))
+    return Sweep(row["id"], config, row["job_id"], row["created_at"], row["split_id"])
 
 
 def list_sweeps(store: Store, dataset_name: str | None = None) -> list[Sweep]:
@@ -175,35 +178,66 @@ def _run_spec(config: SweepConfig, params: DecodingParams) -> runs.RunSpec:
     )
 
 
-def _add_run(store: Store, sweep_id: int, config: SweepConfig, params: DecodingParams) -> runs.Run:
-    run_id = runs.create_run(store, _run_spec(config, params))
-    store.execute("UPDATE runs SET sweep_id = ? WHERE id = ?", (sweep_id, run_id))
-    return runs.get_run(store, run_id)
-
-
-def create_sweep(store: Store, config: SweepConfig) -> int:
-    """Record a sweep and (for grids) its runs; everything is checked before anything is written."""
+def _prepare(store: Store, config: SweepConfig) -> tuple[list[DecodingParams], runs.Prepared]:
+    """Check everything and hash the model (slow) before anything is written: (grid configurations, prepared)."""
     dataset.dataset_id(store, config.dataset)
     configurations = expand(config) if config.mode != "optuna" else []
-    probe = _run_spec(config, config.baseline)
-    runs.check_spec(store, probe)
+    return configurations, runs.prepare_run(store, _run_spec(config, config.baseline))
+
+
+def _record(store: Store, config: SweepConfig, configurations: list[DecodingParams], prepared: runs.Prepared) -> int:
+    """The sweep, its questions frozen for all its runs, and (for grids) its runs: quick writes, one transaction."""
     with store.transaction():
         sweep_id = store.execute(
-            "INSERT INTO sweeps (dataset_id, config, created_at) VALUES (?, ?, ?)",
-            (dataset.dataset_id(store, config.dataset), json.dumps(config.to_dict()), now()),
+            "INSERT INTO sweeps (dataset_id, config, split_id, created_at) VALUES (?, ?, ?, ?)",
+            (
+                dataset.dataset_id(store, config.dataset),
+                json.dumps(config.to_dict()),
+                prepared.split.id if prepared.split else None,
+                now(),
+            ),
         ).lastrowid
+        runs.freeze_pairs(store, "sweep", sweep_id, prepared.pairs)
         for params in configurations:
-            _add_run(store, sweep_id, config, params)
+            runs.record_run(store, _run_spec(config, params), prepared, sweep_id=sweep_id)
     return sweep_id
 
 
+def create_sweep(store: Store, config: SweepConfig) -> int:
+    """Record a sweep and (for grids) its runs, without a job; everything is checked before anything is written."""
+    return _record(store, config, *_prepare(store, config))
+
+
 def start_sweep(store: Store, config: SweepConfig) -> tuple[int, int]:
-    """Create the sweep and start its job; returns (sweep id, job id)."""
-    sweep_id = create_sweep(store, config)
-    job_id = jobs.submit(store, "sweep", {"sweep_id": sweep_id})
-    store.execute("UPDATE sweeps SET job_id = ? WHERE id = ?", (job_id, sweep_id))
-    store.execute("UPDATE runs SET job_id = ? WHERE sweep_id = ?", (job_id, sweep_id))
+    """Create the sweep and start its job; returns (sweep id, job id).
+
+    The sweep, its runs and its job are one transaction: a crash at any point leaves either all of them
+    or none (never runs no job will fill). The job's process starts inside it and waits for the commit
+    when it claims the job; if the commit never comes, it finds no job and ends.
+    """
+    prepared = _prepare(store, config)
+    with store.transaction():
+        sweep_id = _record(store, config, *prepared)
+        job_id = jobs.submit(store, "sweep", {"sweep_id": sweep_id})
+        store.execute("UPDATE sweeps SET job_id = ? WHERE id = ?", (job_id, sweep_id))
+        store.execute("UPDATE runs SET job_id = ? WHERE sweep_id = ?", (job_id, sweep_id))
     return sweep_id, job_id
+
+
+def _frozen(store: Store, sweep: Sweep) -> runs.Prepared:
+    """What the runs a sweep makes later (Optuna trials) are made from: its model, and its split and
+    questions as frozen when the sweep was made, so that every trial asks the same texts."""
+    pairs = runs.frozen_pairs(store, "sweep", sweep.id)
+    if not pairs:  # a sweep made before sweeps froze their questions (store migration 5), with no run: freeze now
+        _, prepared = _prepare(store, sweep.config)
+        with store.transaction():
+            split_id = prepared.split.id if prepared.split else None
+            store.execute("UPDATE sweeps SET split_id = ? WHERE id = ?", (split_id, sweep.id))
+            runs.freeze_pairs(store, "sweep", sweep.id, prepared.pairs)
+        return prepared
+    model = runs.resolve_model(store, sweep.config.backend, sweep.config.model)
+    split = dataset.split_info(store, sweep.split_id) if sweep.split_id is not None else None
+    return runs.Prepared(model, runs.model_fingerprint(store, model), split, pairs)
 
 
 # ---- the job ------------------------------------------------------------------------------------
@@ -244,6 +278,13 @@ def optuna_storage(store: Store) -> str:
     return f"sqlite:///{store.path}"
 
 
+def _study_storage(store: Store):
+    """The store's file as Optuna storage whose writers wait for each other (not Optuna's default 5 s)."""
+    from core.train_search import open_storage  # imported here: core.train_search imports this module
+
+    return open_storage(optuna_storage(store))
+
+
 def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
     """Optuna search for the best mean F1; the study lives in the store's SQLite file.
 
@@ -257,7 +298,7 @@ def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=f"sweep-{sweep.id}",
-        storage=optuna_storage(store),
+        storage=_study_storage(store),
         direction="maximize",
         load_if_exists=True,
     )
@@ -271,8 +312,8 @@ def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
             unfinished.discard(trial.user_attrs["run_id"])
 
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    pairs = dataset.select_pairs(store, config.dataset, config.part)
-    n_items = len(pairs[: config.limit] if config.limit else pairs) * config.repeats
+    prepared = _frozen(store, sweep)
+    n_items = len(prepared.pairs) * config.repeats
 
     tally = generation.Tally(total=config.trials * n_items, done=finished * n_items)
     backend = None
@@ -281,7 +322,7 @@ def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
         nonlocal backend
         ctx.check_cancel()
         chosen = {name: _suggest(trial, name, values) for name, values in config.grid.items()}
-        run = _add_or_find(store, sweep, DecodingParams(**{**config.baseline.to_dict(), **chosen}))
+        run = _add_or_find(store, sweep, DecodingParams(**{**config.baseline.to_dict(), **chosen}), prepared)
         trial.set_user_attr("run_id", run.id)
         backend = backend or generation.backend_for(store, run)
         generation.generate_and_score(ctx, run, backend, tally, config.scorer)
@@ -294,13 +335,12 @@ def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
     ctx.log(f"best trial {best.number}: mean F1 {best.value:.4f} with {best.params}")
 
 
-def _add_or_find(store: Store, sweep: Sweep, params: DecodingParams) -> runs.Run:
+def _add_or_find(store: Store, sweep: Sweep, params: DecodingParams, prepared: runs.Prepared) -> runs.Run:
     for run in sweep_runs(store, sweep.id):
         if run.params == params:
             return run
-    run = _add_run(store, sweep.id, sweep.config, params)
-    store.execute("UPDATE runs SET job_id = ? WHERE id = ?", (sweep.job_id, run.id))
-    return runs.get_run(store, run.id)
+    spec = _run_spec(sweep.config, params)
+    return runs.get_run(store, runs.record_run(store, spec, prepared, sweep_id=sweep.id, job_id=sweep.job_id))
 
 
 def sweep_table(store: Store, sweep_id: int):
