@@ -3,19 +3,34 @@
 Every change here is one store transaction: an import lands whole or not at all, and a
 pair's edits keep their history. Files are parsed by core.formats; this module never
 reads a file format itself.
+
+Quality flags are derived after an import has landed: a failure there (no scorer model, no
+memory) leaves the pairs imported and reported with their flags pending, never half-undone.
+Each import remembers its content's hash in the pairs' provenance, so the same file imported
+again into the same dataset adds nothing (a retry never doubles a dataset).
+
+A dataset name is a label, never part of a file path: names are restricted to a safe set of
+characters, and export files get a name of their own (`download_name`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from core import formats
-from core.errors import BadInput, NotFound
+from core.errors import BadInput, Conflict, NotFound, WorkbenchError
 from core.store import Store, now
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("pending", "accepted", "rejected")
 PARTS = ("train", "test")
@@ -30,6 +45,8 @@ class ImportSummary:
     added: int
     skipped_blank: int
     status: str
+    imported_before: float | None = None  # when the same content was imported into this dataset (then added == 0)
+    flags_pending: str = ""  # why quality flags could not be computed ("" when they were)
 
 
 @dataclass(frozen=True)
@@ -74,17 +91,47 @@ def status_counts(store: Store, name: str) -> dict[str, int]:
     return counts
 
 
-def _check_name(name: str) -> str:
-    name = name.strip()
-    if not name or len(name) > 100 or any(c in name for c in "\n\r\t"):
-        raise BadInput(f"dataset name {name!r} must be 1-100 characters on one line")
-    return name
+NAME_PUNCTUATION = " -_.,()+"  # besides letters and digits: no path separator, quote or control character
+NAME_RULE = f"use 1-100 letters, digits, spaces and {' '.join(NAME_PUNCTUATION.strip())} (no leading dot, no '..')"
+_NAME_CHAR = re.compile(rf"[^\W_]|[{re.escape(NAME_PUNCTUATION)}]")
+
+
+def _check_name(name: str) -> None:
+    """Refuse a new dataset's name unless it is plainly a label (older datasets keep the names they have)."""
+    if problem := _name_problem(name):
+        raise BadInput(f"dataset name {name!r} {problem}; {NAME_RULE}")
+
+
+def _name_problem(name: str) -> str:
+    if not name:
+        return "is empty"
+    if len(name) > 100:
+        return "is longer than 100 characters"
+    if bad := sorted({c for c in name if not _NAME_CHAR.fullmatch(c)}):
+        return f"contains {', '.join(map(repr, bad))}"
+    if name.startswith("."):
+        return "starts with a dot"
+    if ".." in name:
+        return "contains '..'"
+    return ""
+
+
+def _name_from_file(stem: str) -> str:
+    """A dataset name for a file imported without one: its name, other characters made '-'."""
+    kept = "".join(c if _NAME_CHAR.fullmatch(c) else "-" for c in stem)
+    return re.sub(r"\.{2,}", ".", kept).lstrip(".").strip()[:100]
+
+
+def download_name(dataset: str, part: str, fmt: str) -> str:
+    """A file name for an export of `dataset`, safe whatever the dataset is called (older names were unchecked)."""
+    return f"{_name_from_file(dataset).replace(' ', '_') or 'dataset'}-{part}.{fmt}"
 
 
 def _ensure_dataset(store: Store, name: str, source: str) -> int:
     row = store.one("SELECT id FROM datasets WHERE name = ?", (name,))
     if row:
         return row["id"]
+    _check_name(name)
     return store.execute(
         "INSERT INTO datasets (name, source, created_at) VALUES (?, ?, ?)", (name, source, now())
     ).lastrowid
@@ -101,7 +148,7 @@ def add_pairs(
     """Add pairs to a dataset (created if new) in one transaction; returns how many."""
     if status not in STATUSES:
         raise BadInput(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-    dataset = _check_name(dataset)
+    dataset = dataset.strip()
     stamp = now()
     prov = json.dumps(provenance or {})
     with store.transaction() as conn:
@@ -114,23 +161,78 @@ def add_pairs(
     return len(rows)
 
 
+def content_hash(rows: list[formats.PairRow]) -> str:
+    """The hash of a file's pairs as imported: the same pairs give the same hash in any format or layout."""
+    canonical = json.dumps([[r.question, r.answer, r.field, r.metadata] for r in rows], sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _imported_before(store: Store, dataset: str, digest: str) -> float | None:
+    row = store.one(
+        "SELECT MIN(p.created_at) AS at FROM pairs p JOIN datasets d ON d.id = p.dataset_id"
+        " WHERE d.name = ? AND json_extract(p.provenance, '$.content_sha256') = ?",
+        (dataset, digest),
+    )
+    return row["at"]
+
+
 def import_parsed(
     store: Store, parsed: formats.ParsedFile, dataset: str | None = None, status: str = "accepted"
 ) -> ImportSummary:
-    """Add the pairs of a parsed file (see core.formats) to a dataset, in one transaction."""
+    """Add the pairs of a parsed file (see core.formats) to a dataset in one transaction, then flag them.
+
+    The same content imported into the same dataset again adds nothing (`imported_before` says when it
+    came); either way the dataset's flags are recomputed, and a failure there leaves them pending.
+    """
+    name = (dataset or _name_from_file(parsed.path.stem)).strip()
+    source = str(parsed.path)
+    digest = content_hash(parsed.rows)
+    with store.transaction():  # the check and the insert under one write lock: two imports at once add once
+        before = _imported_before(store, name, digest)
+        added = 0
+        if before is None:
+            provenance = {"import": source, "content_sha256": digest}
+            added = add_pairs(store, name, parsed.rows, status, source=source, provenance=provenance)
+    return ImportSummary(name, source, added, parsed.skipped_blank, status, before, flag_after_import(store, name))
+
+
+def flag_after_import(store: Store, name: str) -> str:
+    """Recompute a dataset's quality flags; "" when done, else why they are pending (the pairs stay).
+
+    Flags are hints derived from the pairs, recomputed from scratch by any later re-flag, so no
+    failure of the flagger (a missing or broken scorer model, memory) may undo or fail an import.
+    """
     from core import quality  # loads the embedding model only when pairs arrive
 
-    name = dataset or parsed.path.stem
-    source = str(parsed.path)
-    added = add_pairs(store, name, parsed.rows, status, source=source, provenance={"import": source})
-    quality.flag_dataset(store, name)
-    return ImportSummary(name, source, added, parsed.skipped_blank, status)
+    try:
+        quality.flag_dataset(store, name)
+    except Exception as exc:  # any failure leaves the flags pending (see the docstring)
+        # the user gets the reason; the traceback only where logging is set up (never on the CLI's stderr)
+        log.info("quality flags of dataset %r not computed", name, exc_info=True)
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, WorkbenchError):
+            return text
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return ""
 
 
 def describe_import(summary: ImportSummary) -> str:
+    if summary.imported_before is not None:
+        when = datetime.fromtimestamp(summary.imported_before).strftime("%Y-%m-%d %H:%M")
+        return f"{summary.path}: the same pairs were already imported into {summary.dataset!r} on {when}; added none"
     skipped = summary.skipped_blank
     blank = f", skipped {skipped} row(s) with a blank question or answer" if skipped else ""
     return f"imported {summary.added} pair(s) into {summary.dataset!r} as {summary.status}{blank}"
+
+
+def describe_pending_flags(summary: ImportSummary) -> str:
+    """The warning for an import whose flags could not be computed ("" when they were)."""
+    if not summary.flags_pending:
+        return ""
+    return (
+        f"quality flags of {summary.dataset!r} are pending ({summary.flags_pending}); the pairs are kept."
+        " Re-flag on the Dataset page (Quality flags) or import the same file again once that is fixed"
+    )
 
 
 def import_file(store: Store, path: str | Path, dataset: str | None = None, status: str = "accepted") -> ImportSummary:
@@ -159,10 +261,9 @@ def ensure_starter(store: Store) -> ImportSummary | None:
         )
         store.set_setting("starter_imported", True)
         make_split(store, STARTER_NAME)
-    from core import quality  # after the commit: loading the embedding model must not hold the write lock
-
-    quality.flag_dataset(store, STARTER_NAME)
-    return ImportSummary(STARTER_NAME, str(STARTER_FILE), added, parsed.skipped_blank, "accepted")
+    # after the commit: loading the embedding model must not hold the write lock
+    pending = flag_after_import(store, STARTER_NAME)
+    return ImportSummary(STARTER_NAME, str(STARTER_FILE), added, parsed.skipped_blank, "accepted", None, pending)
 
 
 REVIEW_COLUMNS = "id, question, answer, field, status, flags, duplicate_of, duplicate_score, version, updated_at"
@@ -265,8 +366,8 @@ def update_pairs(
     """Apply edits to several pairs as one change (one Undo step); returns the change id.
 
     Every changed value is recorded in the pair's history. With `expected_versions`, an edit
-    based on a stale copy (another tab changed the pair since) is refused and nothing is
-    written, instead of silently overwriting the other edit.
+    based on a stale copy (another tab changed the pair since) is refused with Conflict and
+    nothing is written, instead of silently overwriting the other edit.
     """
     edits = {pid: _check_changes(changes) for pid, changes in edits.items()}
 
@@ -279,7 +380,7 @@ def update_pairs(
             if row is None:
                 raise NotFound(f"no pair with id {pair_id}")
             if pair_id in expected_versions and row["version"] != expected_versions[pair_id]:
-                raise BadInput(
+                raise Conflict(
                     f"pair {pair_id} was changed elsewhere since you opened it; reload to see the new version"
                 )
             rows[pair_id] = row
@@ -524,15 +625,30 @@ def pairs_by_id(store: Store, ids: list[int]) -> list[StoredPair]:
     return [found[i] for i in ids if i in found]
 
 
+EXPORT_FORMATS = ("jsonl", "csv")
+
+
+def _export_rows(store: Store, dataset: str, fmt: str, part: str, status: str) -> list[formats.PairRow]:
+    if fmt not in EXPORT_FORMATS:
+        raise BadInput(f"export format must be jsonl or csv, got {fmt!r}")
+    return [formats.PairRow(p.question, p.answer, p.field) for p in select_pairs(store, dataset, part, status)]
+
+
+def export_text(store: Store, dataset: str, fmt: str = "jsonl", part: str = "all", status: str = "accepted") -> str:
+    """The pairs as the text of a JSONL or CSV file (CSV cells spreadsheet-safe, see core.formats)."""
+    rows = _export_rows(store, dataset, fmt, part, status)
+    out = io.StringIO(newline="")
+    formats.dump_pairs(rows, fmt, out)
+    return out.getvalue()
+
+
 def export_pairs(
     store: Store, dataset: str, path: str | Path, fmt: str = "jsonl", part: str = "all", status: str = "accepted"
 ) -> int:
-    """Write pairs to a JSONL or CSV file; returns how many were written."""
-    writers = {"jsonl": formats.write_jsonl, "csv": formats.write_csv}
-    if fmt not in writers:
-        raise BadInput(f"export format must be jsonl or csv, got {fmt!r}")
-    rows = select_pairs(store, dataset, part, status)
+    """Write pairs to a JSONL or CSV file at `path` (and nowhere else); returns how many were written."""
+    rows = _export_rows(store, dataset, fmt, part, status)
     target = Path(path)
     if not target.parent.is_dir():
         raise BadInput(f"{target}: folder {target.parent} does not exist")
-    return writers[fmt]([formats.PairRow(p.question, p.answer, p.field) for p in rows], target)
+    with target.open("w", encoding="utf-8", newline="") as f:
+        return formats.dump_pairs(rows, fmt, f)

@@ -13,6 +13,10 @@ class BadInput(WorkbenchError):
     """A file, flag or form value that cannot be used as given."""
 
 
+class Conflict(BadInput):
+    """An edit based on a copy that was changed elsewhere since (another tab, a job); nothing was written."""
+
+
 class NotFound(WorkbenchError):
     """A dataset, run, job or model that does not exist."""
 

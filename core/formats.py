@@ -3,6 +3,11 @@
 This is the one place where a pair file on disk becomes `PairRow`s and back. Every problem a
 user can cause raises `BadInput` with a one-line message naming the file and, where there is
 one, the 1-based physical line. It never touches the database: callers decide where rows go.
+
+CSV cells are written spreadsheet-safe (OWASP's advice on CSV injection): a cell that a spreadsheet
+would run as a formula (it starts with =, +, -, @, a tab or a carriage return) gets a leading `'`,
+which spreadsheets read as "this is text" and do not show. Reading a CSV undoes exactly that: a cell
+that is `'` followed by such a cell loses its first `'`, so an exported CSV imports back unchanged.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from core.errors import BadInput
 
@@ -32,6 +39,10 @@ _JSON_TYPES = {
 }
 
 Record = tuple[str, dict[str, Any]]  # (where it is, for messages; its keys normalised by `_key`)
+
+# A cell starting like this is a formula to a spreadsheet; so is one after any number of `'`, once the
+# exporter's own quote is taken off again on import (so a text that starts with `'=` survives too).
+_FORMULA_START = re.compile(r"'*[=+\-@\t\r]")
 
 
 @dataclass(frozen=True)
@@ -89,24 +100,40 @@ def _format_of(name: str) -> str:
 
 def write_jsonl(rows: Iterable[PairRow | Mapping[str, Any]], path: str | Path) -> int:
     """Write one {"question", "answer", "field"} object per line (UTF-8); return the count."""
-    count = 0
-    with Path(path).open("w", encoding="utf-8", newline="\n") as f:
-        for pair in _pairs(rows):
-            f.write(json.dumps(dict(zip(_COLUMNS, pair, strict=True)), ensure_ascii=False) + "\n")
-            count += 1
-    return count
+    with Path(path).open("w", encoding="utf-8", newline="") as f:
+        return dump_pairs(rows, "jsonl", f)
 
 
 def write_csv(rows: Iterable[PairRow | Mapping[str, Any]], path: str | Path) -> int:
-    """Write a CSV with the header question,answer,field; return the number of rows."""
-    count = 0
+    """Write a CSV with the header question,answer,field (cells spreadsheet-safe); return the number of rows."""
     with Path(path).open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(_COLUMNS)
+        return dump_pairs(rows, "csv", f)
+
+
+def dump_pairs(rows: Iterable[PairRow | Mapping[str, Any]], fmt: str, out: TextIO) -> int:
+    """Write pairs as JSONL or CSV to a text stream opened with newline=""; return the count."""
+    count = 0
+    if fmt == "jsonl":
         for pair in _pairs(rows):
-            writer.writerow(pair)
+            out.write(json.dumps(dict(zip(_COLUMNS, pair, strict=True)), ensure_ascii=False) + "\n")
             count += 1
+        return count
+    writer = csv.writer(out)
+    writer.writerow(_COLUMNS)
+    for pair in _pairs(rows):
+        writer.writerow([spreadsheet_safe(cell) for cell in pair])
+        count += 1
     return count
+
+
+def spreadsheet_safe(cell: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text, never runs as a formula (other values pass as they are)."""
+    return f"'{cell}" if isinstance(cell, str) and _FORMULA_START.match(cell) else cell
+
+
+def _from_spreadsheet_safe(cell: str) -> str:
+    """The text `spreadsheet_safe` was given: its `'` before a formula start comes off."""
+    return cell[1:] if cell.startswith("'") and _FORMULA_START.match(cell, 1) else cell
 
 
 def _pairs(rows: Iterable[PairRow | Mapping[str, Any]]) -> Iterator[tuple[str, str, str]]:
@@ -183,7 +210,8 @@ def _csv_records(text: str, name: str) -> list[Record]:
         if len(fields) > len(columns):
             raise BadInput(f"{name}, line {line}: more fields than the header ({len(fields)} > {len(columns)})")
         # a short row simply lacks its last cells; a missing question or answer then counts as blank
-        records.append((f"{name}, line {line}", dict(zip(columns, fields, strict=False))))
+        cells = [_from_spreadsheet_safe(cell) for cell in fields]
+        records.append((f"{name}, line {line}", dict(zip(columns, cells, strict=False))))
     return records
 
 
@@ -203,12 +231,19 @@ def _jsonl_records(text: str, name: str) -> list[Record]:
     ]
 
 
-def _parse_json(text: str, name: str, first_line: int = 1) -> Any:
+def _parse_json(text: str, name: str, line: int | None = None) -> Any:
+    """The JSON value of a whole file, or of its JSONL line number `line`."""
+    where = name if line is None else f"{name}, line {line}"
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        line = first_line + e.lineno - 1
-        raise BadInput(f"{name}, line {line}, column {e.colno}: invalid JSON: {e.msg}") from None
+        raise BadInput(f"{name}, line {(line or 1) + e.lineno - 1}, column {e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:  # json nests one Python call per array or object level
+        raise BadInput(f"{where}: invalid JSON: nested too deeply to read") from None
+    except ValueError:  # the only other ValueError of json.loads: Python's limit on int-string conversion
+        raise BadInput(
+            f"{where}: invalid JSON: a number with more than {sys.get_int_max_str_digits()} digits"
+        ) from None
 
 
 def _object_record(item: Any, where: str) -> Record:

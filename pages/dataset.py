@@ -4,15 +4,15 @@ Every action is saved at once (with its history); Undo reverts the last change. 
 users and models is shown as text, never as HTML.
 """
 
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
 
 import streamlit as st
 
 from core import dataset, formats, jobs, qa_generation, quality
 from core.backends import USER_BACKENDS
 from core.decoding import DecodingParams, field_help
-from core.errors import WorkbenchError
+from core.errors import Conflict, WorkbenchError
+from core.store import Store
 from workbench import ui
 
 PAGE_SIZE = 200
@@ -72,8 +72,85 @@ def act(pair: dict, **changes: str) -> None:
         st.warning("The queue changed since you looked: here is the pair now at its head.", icon=":material/sync:")
         return
     if ui.attempt(lambda: dataset.update_pair(store, pair["id"], expected_version=seen[1], **changes)):
-        st.session_state.pop("editing", None)
         st.rerun()
+
+
+# An open edit of this dataset: {"id": pair, "base": version the form was filled from, "conflict": bool,
+# "theirs": version shown beside it in a conflict}. It stays on screen, whatever the queue does meanwhile
+# (another tab accepting the pair, a filter), until it is saved or given up: typed text is never dropped.
+editing_key = f"editing-{name}"
+
+
+def show_text(pair: dict) -> None:
+    st.markdown("**Question**")
+    st.text(pair["question"])
+    st.markdown("**Answer**")
+    st.text(pair["answer"])
+
+
+def edit_form(pair: dict) -> dict[str, str]:
+    """The edit form (keyed, so the typed text survives every rerun while it is drawn); returns what it holds."""
+    return {
+        "question": st.text_area("Question", pair["question"], key=f"q-{pair['id']}"),
+        "answer": st.text_area("Answer", pair["answer"], height=180, key=f"a-{pair['id']}"),
+        "field": st.text_input("Field", pair["field"], key=f"f-{pair['id']}"),
+    }
+
+
+def close_edit() -> None:
+    st.session_state.pop(editing_key, None)
+    st.rerun()
+
+
+def save_edit(edit: dict, typed: dict[str, str], base: int) -> None:
+    """Save the typed pair, accepted, over version `base`; if the store holds another version now, show both."""
+    try:
+        dataset.update_pair(store, edit["id"], expected_version=base, status="accepted", **typed)
+    except Conflict:
+        edit["conflict"] = True
+        st.rerun()
+    except WorkbenchError as exc:  # e.g. an emptied answer: the form stays as typed
+        st.error(ui.plain(exc), icon=":material/error:")
+        return
+    close_edit()
+
+
+def editor(pair: dict, edit: dict) -> None:
+    typed = edit_form(pair)
+    # The version whose text filled the form: reruns while typing re-read the pair but must not move the base.
+    edit.setdefault("base", pair["version"])
+    b1, b2, _ = st.columns([1, 1, 3])
+    if b1.button("Save & accept", type="primary", icon=":material/check:", shortcut="ctrl+enter"):
+        save_edit(edit, typed, edit["base"])
+    if b2.button("Cancel edit", icon=":material/close:", shortcut="escape"):
+        close_edit()
+
+
+def conflict_view(pair: dict, edit: dict) -> None:
+    """The typed edit beside the version now in the store; the user picks one, or goes on editing."""
+    st.warning(
+        f"Pair {pair['id']} was changed elsewhere while you edited it (now version {pair['version']},"
+        f" {pair['status']}); nothing was saved. Your text is kept: save it over the other version,"
+        " take the other version, or keep editing.",
+        icon=":material/sync_problem:",
+    )
+    mine, theirs = st.columns(2)
+    with mine:
+        st.markdown("**Your edit (not saved)**")
+        typed = edit_form(pair)
+    with theirs:
+        st.markdown(f"**Now in the store (version {pair['version']}, {pair['status']})**")
+        show_text(pair)
+        st.caption(f"Field: {ui.plain(pair['field'] or '—')}")
+    b1, b2, b3, _ = st.columns([1.2, 1.3, 1, 1.5])
+    if b1.button("Save mine over it", type="primary", icon=":material/save:"):
+        save_edit(edit, typed, edit["theirs"])
+    if b2.button("Take the other version", icon=":material/undo:"):
+        close_edit()
+    if b3.button("Keep editing", icon=":material/edit:"):
+        edit.update(base=edit["theirs"], conflict=False)  # the user has seen the other version now
+        st.rerun()
+    edit["theirs"] = pair["version"]  # what is on screen now is what the next click acts on
 
 
 with review:
@@ -86,9 +163,13 @@ with review:
         format_func=lambda f: {"all": "all pairs", "any": "any flag"}.get(f, f.replace("_", " ")),
     )
     skipped: set[int] = st.session_state.setdefault(f"skipped-{name}", set())
-    pair = dataset.next_in_queue(
-        store, name, skipped, None if field == "all" else field, None if flag == "all" else flag
-    )
+    edit = st.session_state.get(editing_key)
+    if edit:
+        pair = dataset.get_pair(store, edit["id"])
+    else:
+        pair = dataset.next_in_queue(
+            store, name, skipped, None if field == "all" else field, None if flag == "all" else flag
+        )
     if skipped and c3.button(f"Bring back {len(skipped)} skipped", icon=":material/restart_alt:"):
         skipped.clear()
         st.rerun()
@@ -97,22 +178,12 @@ with review:
     else:
         with st.container(border=True):
             st.caption(f"Pair {pair['id']} · field: {ui.plain(pair['field'] or '—')} · version {pair['version']}")
-            editing = st.session_state.get("editing") == pair["id"]
-            if editing:
-                question = st.text_area("Question", pair["question"], key=f"q-{pair['id']}")
-                answer = st.text_area("Answer", pair["answer"], height=180, key=f"a-{pair['id']}")
-                new_field = st.text_input("Field", pair["field"], key=f"f-{pair['id']}")
-                b1, b2, _ = st.columns([1, 1, 3])
-                if b1.button("Save & accept", type="primary", icon=":material/check:", shortcut="ctrl+enter"):
-                    act(pair, question=question, answer=answer, field=new_field, status="accepted")
-                if b2.button("Cancel edit", icon=":material/close:", shortcut="escape"):
-                    st.session_state.pop("editing", None)
-                    st.rerun()
+            if edit and edit.get("conflict"):
+                conflict_view(pair, edit)
+            elif edit:
+                editor(pair, edit)
             else:
-                st.markdown("**Question**")
-                st.text(pair["question"])
-                st.markdown("**Answer**")
-                st.text(pair["answer"])
+                show_text(pair)
                 show_flags(pair)
                 b1, b2, b3, b4, _ = st.columns([1, 1, 1, 1, 2])
                 if b1.button("Accept", type="primary", icon=":material/check:", shortcut="a"):
@@ -120,7 +191,7 @@ with review:
                 if b2.button("Reject", icon=":material/block:", shortcut="x"):
                     act(pair, status="rejected")
                 if b3.button("Edit", icon=":material/edit:", shortcut="e"):
-                    st.session_state["editing"] = pair["id"]
+                    st.session_state[editing_key] = {"id": st.session_state.get("seen_pair", (pair["id"],))[0]}
                     st.rerun()
                 if b4.button("Skip", icon=":material/skip_next:", shortcut="s"):
                     skipped.add(st.session_state.get("seen_pair", (pair["id"],))[0])
@@ -284,9 +355,24 @@ with upload:
             if parsed is not None:
                 summary = ui.attempt(lambda: dataset.import_parsed(store, parsed, target, status))
                 if summary is not None:
-                    ui.flash(dataset.describe_import(summary))
                     ui.switch_dataset(summary.dataset)
-                    st.rerun()
+                    if warning := dataset.describe_pending_flags(summary):  # shown now: a rerun would hide it
+                        st.success(ui.plain(dataset.describe_import(summary)), icon=":material/check_circle:")
+                        st.warning(ui.plain(warning), icon=":material/flag:")
+                    else:
+                        ui.flash(dataset.describe_import(summary))
+                        st.rerun()
+
+
+def export_on_click(dataset_name: str, fmt: str, part: str) -> Callable[[], str]:
+    """An export built only when its download button is clicked, in memory (no file is written)."""
+
+    def build() -> str:
+        with Store(store.path) as own:  # Streamlit calls this on a thread of its own: its own connection
+            return dataset.export_text(own, dataset_name, fmt, part)
+
+    return build
+
 
 with split_tab:
     st.markdown(
@@ -314,19 +400,17 @@ with split_tab:
         horizontal=True,
         help="train/test use the latest split" if split else "draw a split to export its parts",
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    n_rows = ui.attempt(lambda: len(dataset.select_pairs(store, name, part)))
+    if n_rows is not None:
         for fmt, mime in (("jsonl", "application/jsonl"), ("csv", "text/csv")):
-            path = Path(tmp) / f"{name}-{part}.{fmt}"
-            n_rows = ui.attempt(lambda path=path, fmt=fmt: dataset.export_pairs(store, name, path, fmt, part))
-            if n_rows is not None:
-                st.download_button(
-                    f"Download {fmt.upper()} ({n_rows} pairs)",
-                    path.read_bytes(),
-                    file_name=path.name,
-                    mime=mime,
-                    icon=":material/download:",
-                    key=f"dl-{fmt}",
-                )
+            st.download_button(
+                f"Download {fmt.upper()} ({n_rows} pairs)",
+                export_on_click(name, fmt, part),
+                file_name=dataset.download_name(name, part, fmt),
+                mime=mime,
+                icon=":material/download:",
+                key=f"dl-{fmt}",
+            )
 
 with quality_tab:
     config = quality.load_config(store)

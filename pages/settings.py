@@ -37,7 +37,7 @@ if not all(s.ready for s in states):
 
 st.subheader("Ollama")
 host = current.effective_ollama_host
-st.caption(f"Server in use: {host}")
+st.caption(f"Server in use: {ui.plain(host)}")
 
 
 @st.fragment
@@ -50,9 +50,10 @@ def ollama_check() -> None:
         with OllamaBackend("", host=host, timeout=3.0) as backend:
             version, names = backend.version(), backend.models()
     except WorkbenchError as exc:
-        st.warning(f"{exc} The embedded llama.cpp backend works without it.", icon=":material/cloud_off:")
+        st.warning(f"{ui.plain(exc)} The embedded llama.cpp backend works without it.", icon=":material/cloud_off:")
         return
-    st.success(f"Ollama {version} is reachable with {len(names)} model(s).", icon=":material/cloud_done:")
+    # the version is whatever the server says: shown as text, never as Markdown
+    st.success(f"Ollama {ui.plain(version)} is reachable with {len(names)} model(s).", icon=":material/cloud_done:")
     if names:
         st.dataframe(pd.DataFrame({"model": names}), hide_index=True)
 

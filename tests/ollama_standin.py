@@ -14,8 +14,9 @@ decoding ignores the seed, as real engines do.
 Switches, settable at any time: `busy` (503 on generation), `fail_mid_stream` (an error
 line inside a 200 stream; a 500 when not streaming), `delay` (seconds before a generation
 request is answered, to provoke client timeouts), `chunk_delay` (seconds between stream
-chunks). Every request is recorded (method, path, parsed JSON body), so tests can assert
-what really went over the wire.
+chunks), `raw_reply` (when not None, every /api/ request is answered 200 with this JSON value
+instead, an array say: a server that is not Ollama, or a broken proxy). Every request is
+recorded (method, path, parsed JSON body), so tests can assert what really went over the wire.
 
 It never binds anything but 127.0.0.1 and never runs a model. `stop()` makes the server
 vanish: the port refuses connections and open connections are cut, as when `ollama serve`
@@ -101,6 +102,7 @@ class OllamaStandin:
         self.chunk_delay = chunk_delay
         self.busy = busy
         self.fail_mid_stream = fail_mid_stream
+        self.raw_reply: Any = None
         self.version = version
         self.port = port
         self._lock = threading.Lock()
@@ -247,6 +249,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.standin._record(RecordedRequest("GET", self.path, None))
+        if self._sent_raw_reply():
+            return
         if self.path == "/":
             self._send_text(200, "Ollama is running")
         elif self.path == "/api/version":
@@ -267,6 +271,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": "invalid character in request body"})
             return
         self.standin._record(RecordedRequest("POST", self.path, body))
+        if self._sent_raw_reply():
+            return
         if not isinstance(body, dict):
             body = {}
         if self.path == "/api/generate":
@@ -277,6 +283,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._show(body)
         else:
             self._send_text(404, "404 page not found")
+
+    def _sent_raw_reply(self) -> bool:
+        if self.standin.raw_reply is None or not self.path.startswith("/api/"):
+            return False
+        self._send_json(200, self.standin.raw_reply)
+        return True
 
     # -- endpoints
 

@@ -44,6 +44,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         summary = dataset.import_parsed(store, parsed, args.dataset, args.status)
         counts = dataset.status_counts(store, summary.dataset)
     print(f"{dataset.describe_import(summary)}; dataset now: {', '.join(f'{v} {k}' for k, v in counts.items())}")
+    if warning := dataset.describe_pending_flags(summary):  # the pairs are in: still a success
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import compare, reports, runs
+from core import compare, formats, reports, runs
 from core.store import Store
 from workbench import figures
 
@@ -76,7 +76,8 @@ def write_report(
 def export_tables_csv(
     store: Store, run_ids: Sequence[int], folder: str | Path, metric: str = "f1", baseline_run: int | None = None
 ) -> list[Path]:
-    """summary.csv and per_question.csv of the comparison in `folder` (created if missing)."""
+    """summary.csv and per_question.csv of the comparison in `folder` (created if missing); text cells
+    are spreadsheet-safe (see core.formats), since they hold model answers."""
     frames = {
         "summary.csv": compare.summary_table(store, run_ids, metric=metric, baseline_run=baseline_run),
         "per_question.csv": compare.per_question(store, run_ids, metric=metric),
@@ -85,6 +86,6 @@ def export_tables_csv(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, frame in frames.items():
-        frame.to_csv(folder / name, index=False)
+        frame.map(formats.spreadsheet_safe).to_csv(folder / name, index=False)
         paths.append(folder / name)
     return paths

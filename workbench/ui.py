@@ -50,9 +50,9 @@ def run_page(page: Callable[[], None] | st.navigation) -> None:
         st.error(plain(exc), icon=":material/error:")
     except Exception as exc:  # never show a stack trace in the page
         log.exception("page failed")
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         st.error(
-            f"Something went wrong: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            " (details in the server log)",
+            f"Something went wrong: {type(exc).__name__}: {plain(first_line)} (details in the server log)",
             icon=":material/bug_report:",
         )
 

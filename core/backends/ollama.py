@@ -50,15 +50,20 @@ OLLAMA_OPTION_NAMES: dict[str, str] = {
 
 # Everything the client or its httpx transport raises when a request goes wrong:
 # ollama.ResponseError / RequestError, httpx.HTTPError (timeouts, dropped connections),
-# OSError (the client turns a refused connection into the builtin ConnectionError) and
-# ValueError (a reply that is not JSON, or not shaped like Ollama's).
+# OSError (the client turns a refused connection into the builtin ConnectionError),
+# ValueError (a reply that is not JSON, or an object not shaped like Ollama's) and
+# TypeError / AttributeError (a reply that is JSON but no object: the client calls
+# `Response(**reply)` and `reply.get(...)` on whatever it parsed, an array say).
 _CLIENT_ERRORS: tuple[type[BaseException], ...] = (
     ollama.ResponseError,
     ollama.RequestError,
     httpx.HTTPError,
     OSError,
     ValueError,
+    TypeError,
+    AttributeError,
 )
+_UNREADABLE_REPLY = (ValueError, TypeError, AttributeError)
 
 # A connection that was open and then went away (the server stopped or crashed mid-request).
 _DROPPED: tuple[type[BaseException], ...] = (
@@ -198,7 +203,7 @@ def to_backend_error(exc: BaseException, model: str, host: str, *, timeout: floa
         return BackendUnavailable(f"Ollama at {host} is not reachable — is `ollama serve` running?")
     if isinstance(exc, ollama.RequestError):
         return BackendError(f"Ollama request not sent: {_one_line(str(exc.error))}")
-    if isinstance(exc, ValueError):
+    if isinstance(exc, _UNREADABLE_REPLY):
         return BackendError(
             f"Ollama at {host} sent a reply the client cannot read ({_one_line(str(exc), 120)}) "
             "— is that address an Ollama server?"
@@ -277,10 +282,10 @@ class OllamaBackend:
         try:
             # The client has no method for /api/version; _request_raw is its own plumbing
             # for plain requests and raises the same exceptions as every other call.
-            reply = self._client._request_raw("GET", "/api/version").json()
+            version = self._client._request_raw("GET", "/api/version").json().get("version", "")
         except _CLIENT_ERRORS as exc:
             raise self._error(exc) from exc
-        return str(reply.get("version", ""))
+        return str(version)
 
     def show(self, model: str | None = None) -> dict[str, Any]:
         """Details of a model (/api/show): family, parameter size, quantization, template, parameters."""
