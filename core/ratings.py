@@ -94,7 +94,8 @@ def next_item(store: Store, rater: str, run_x: int, run_y: int, seed: int | None
     a_left = int(_draw(seed, rater, run_a, run_b, pair_id, "side"), 16) % 2 == 0
     left, right = (run_a, run_b) if a_left else (run_b, run_a)
     answers = {run_a: answers_a[pair_id], run_b: answers_b[pair_id]}
-    question = store.one("SELECT question FROM pairs WHERE id = ?", (pair_id,))["question"]
+    # The question as the runs were asked it (frozen with them), not as it may have been edited since.
+    question = store.one("SELECT question FROM run_pairs WHERE run_id = ? AND pair_id = ?", (run_a, pair_id))[0]
     return RatingItem(pair_id, question, answers[left], answers[right], left, right, len(todo))
 
 

@@ -151,3 +151,14 @@ def test_agreement_of_three_raters_is_fleiss_kappa(store, two_runs):
     assert (result["items"], result["raters"], result["method"]) == (3, 3, "Fleiss")
     assert result["percent_agreement"] == pytest.approx(7 / 9)
     assert result["kappa"] == pytest.approx((7 / 9 - 41 / 81) / (1 - 41 / 81))
+
+
+def test_a_rater_sees_the_question_as_the_runs_were_asked_it(store, two_runs):
+    from core import dataset
+
+    one, other = two_runs
+    item = ratings.next_item(store, "ana", one, other)
+    dataset.update_pair(store, item.pair_id, question="Edited after both runs answered it?")
+    assert (
+        ratings.next_item(store, "ana", one, other).question == item.question != "Edited after both runs answered it?"
+    )
