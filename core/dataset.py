@@ -102,6 +102,12 @@ def _check_name(name: str) -> None:
         raise BadInput(f"dataset name {name!r} {problem}; {NAME_RULE}")
 
 
+def check_target(store: Store, name: str) -> None:
+    """Refuse, before any work, a dataset that would have to be created under a refused name."""
+    if store.one("SELECT id FROM datasets WHERE name = ?", (name,)) is None:
+        _check_name(name)
+
+
 def _name_problem(name: str) -> str:
     if not name:
         return "is empty"

@@ -113,6 +113,7 @@ def submit(store, config: QAGenerationConfig) -> int:
     """Check the request, then start it as a background job; returns the job id."""
     from core import jobs
 
+    dataset.check_target(store, config.dataset)  # refuse a bad name now, not after generating
     runs.resolve_model(store, config.backend, config.model)  # refuse a missing model before starting
     return jobs.submit(store, "generate-qa", config.to_params())
 

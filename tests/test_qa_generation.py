@@ -96,3 +96,10 @@ def test_cli_generate_qa_follows_the_job_to_the_end():
     result = run_cli("generate-qa", "--dataset", "d", "--topics", "nlp; hci", "--n", "2", "--backend", "echo")
     assert result.returncode == 0, result.stderr
     assert "done" in result.stdout
+
+
+def test_generation_into_a_new_dataset_with_a_refused_name_is_refused_before_it_starts(starter):
+    config = QAGenerationConfig(dataset="../escape", topics=["statistics"], n=2, backend="echo")
+    with pytest.raises(BadInput, match="dataset name"):
+        qa_generation.submit(starter, config)
+    assert not jobs.list_jobs(starter)
