@@ -23,7 +23,6 @@ import fcntl
 import functools
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -603,7 +602,7 @@ def objective(trial, config: SearchConfig, store: Store, job_id: int, parent: in
     try:
         result = training.train(None, config.train_config(params, out), store, on_epoch=on_epoch)
     except optuna.TrialPruned:
-        shutil.rmtree(Path(out) / "checkpoint", ignore_errors=True)  # a pruned trial is never resumed
+        training.discard_checkpoint(Path(out))  # a pruned trial is never resumed
         raise
     finally:
         trial.set_user_attr("seconds", time.perf_counter() - started)

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -69,6 +70,44 @@ def build_examples(tokenizer, pairs: list[dataset.StoredPair], template: str, ma
         if any(label != IGNORE for label in labels):
             examples.append({"input_ids": input_ids, "labels": labels})
     return examples
+
+
+EXAMPLES_FILE = "examples.json"  # in a run's folder: the pairs it trains and evaluates on, pinned at its start
+
+
+def pinned_pairs(store: Store, config: TrainConfig, out: Path) -> dict[str, list[dataset.StoredPair]]:
+    """The train and test pairs (ids and texts) of the run in `out`: chosen from the latest split at its start and
+    kept in its folder, so that a resumed run trains on exactly them.
+
+    Read from the dataset again, a new split, newly accepted pairs or an edit would change what a resumed
+    run skips, repeats and trains on. A checkpoint without pinned pairs (written before they were pinned)
+    is refused: which pairs it was trained on is not known.
+    """
+    path = out / EXAMPLES_FILE
+    selection = {"dataset": config.dataset, "part": config.part, "limit": config.limit}
+    if path.exists():
+        pinned = json.loads(path.read_text())
+        if pinned["selection"] != selection:
+            raise BadInput(f"{out} holds a run on other pairs ({pinned['selection']}); choose another output folder")
+        return {part: [dataset.StoredPair(**pair) for pair in pinned[part]] for part in ("train", "test")}
+    if checkpoint_folder(out) is not None:
+        raise BadInput(
+            f"{out} holds a checkpoint that does not record the pairs it was trained on; train into another folder"
+        )
+    split = dataset.latest_split(store, config.dataset)
+    split_id = split.id if split else None
+    pairs = {
+        name: dataset.select_pairs(store, config.dataset, part, "accepted", split_id=split_id)[: config.limit]
+        for name, part in (("train", config.part), ("test", "test"))
+    }
+    record = {
+        "selection": selection,
+        "split_id": split_id,
+        "split_version": split.version if split else None,
+        **{part: [asdict(pair) for pair in chosen] for part, chosen in pairs.items()},
+    }
+    _write_synced(path, lambda file: file.write(json.dumps(record, indent=1).encode()))
+    return pairs
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -328,38 +367,115 @@ def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> floa
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
+#
+# A run's folder holds its checkpoint as generations, checkpoint-N/ (N counts the saves): each is written in
+# full and fsynced, then `checkpoint`, a symbolic link, is switched to it in one rename, and only then do the
+# older generations go. A kill at any moment leaves a complete checkpoint on disk, and the next save never
+# removes it before its successor is in place.
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "state.pt"  # renamed into place last: a generation holding it is complete
 
 
-def _save_checkpoint(model, optimizer, scheduler, state: dict, directory: Path) -> None:
-    """Adapter + optimizer/scheduler + position, written beside and then swapped in (never half-written)."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(
-        {
-            **state,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+def _save_checkpoint(model, optimizer, scheduler, state: dict, out: Path) -> None:
+    """Adapter + optimizer/scheduler + position + RNG states as a new generation, then pointed at."""
+    folder = out / f"{CHECKPOINT}-{max(map(_generation_number, _generations(out)), default=0) + 1}"
+    model.save_pretrained(folder)
+    for written in folder.iterdir():
+        _fsync(written)
+    state = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **_rng_state()}
+    _write_synced(folder / STATE_FILE, lambda file: torch.save(state, file))
+    _point_checkpoint_at(folder)
+    for stale in _generations(out):
+        if stale != folder:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _point_checkpoint_at(folder: Path) -> None:
+    """Switch `checkpoint` to a complete generation in one rename (a folder of a run from before generations is
+    moved aside first: checkpoint_folder finds the newest generation meanwhile)."""
+    link = folder.parent / CHECKPOINT
+    if link.is_dir() and not link.is_symlink():
+        link.rename(folder.parent / f"{CHECKPOINT}-0")
+    staged = folder.parent / f"{CHECKPOINT}.link"
+    staged.unlink(missing_ok=True)
+    os.symlink(folder.name, staged)
+    os.replace(staged, link)
+    _fsync(folder.parent)
+
+
+def checkpoint_folder(out: Path) -> Path | None:
+    """The complete checkpoint a run in `out` resumes from: the one `checkpoint` points at, else the newest complete
+    generation; None when there is none."""
+    candidates = [out / CHECKPOINT, *sorted(_generations(out), key=_generation_number, reverse=True)]
+    return next((folder for folder in candidates if (folder / STATE_FILE).exists()), None)
+
+
+def discard_checkpoint(out: Path) -> None:
+    """Remove a run's checkpoint, every generation of it (e.g. a pruned trial's, which is never resumed)."""
+    link = out / CHECKPOINT
+    if link.is_symlink():
+        link.unlink()
+    for folder in [link, *_generations(out)]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _generations(out: Path) -> list[Path]:
+    return [p for p in out.glob(f"{CHECKPOINT}-*") if p.name.removeprefix(f"{CHECKPOINT}-").isdigit()]
+
+
+def _generation_number(folder: Path) -> int:
+    return int(folder.name.removeprefix(f"{CHECKPOINT}-"))
+
+
+def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
+    """Write a file beside `path`, fsync it and rename it into place: `path` is either absent or complete."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(part, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk (a rename is only durable once its folder is)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _rng_state() -> dict[str, Any]:
+    """The random generators' states: the CPU's, and every CUDA device's when there is one (dropout on a GPU)."""
+    state: dict[str, Any] = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    """Put back what _rng_state saved (the CUDA states of the devices this machine has)."""
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"][: torch.cuda.device_count()])
 
 
 def _load_checkpoint(model, optimizer, scheduler, directory: Path, config: TrainConfig) -> dict:
     import peft
     from safetensors.torch import load_file
 
-    state = torch.load(directory / "state.pt", weights_only=True)  # plain tensors and numbers: no pickled code
-    optimizer_state, scheduler_state, rng = state.pop("optimizer"), state.pop("scheduler"), state.pop("rng")
+    state = torch.load(directory / STATE_FILE, weights_only=True)  # plain tensors and numbers: no pickled code
+    optimizer_state, scheduler_state = state.pop("optimizer"), state.pop("scheduler")
+    rng = {key: state.pop(key) for key in ("rng", "cuda_rng") if key in state}
     if _resume_key(state["config"]) != _resume_key(config.to_dict()):
         raise BadInput(f"{directory} holds a checkpoint of different settings; choose another output folder")
     peft.set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
-    torch.set_rng_state(rng)
+    _restore_rng(rng)
     return state
 
 
@@ -411,14 +527,12 @@ def train(
     else:
         raise BadInput("give an output folder when training outside a job")
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "checkpoint"
+    pairs = pinned_pairs(store, config, out)
 
     model, tokenizer = load_model(config, path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_pairs = dataset.select_pairs(store, config.dataset, config.part, "accepted")[: config.limit]
-    test_pairs = dataset.select_pairs(store, config.dataset, "test", "accepted")[: config.limit]
-    train_examples = build_examples(tokenizer, train_pairs, config.prompt_template, config.max_seq_len)
-    test_examples = build_examples(tokenizer, test_pairs, config.prompt_template, config.max_seq_len)
+    train_examples = build_examples(tokenizer, pairs["train"], config.prompt_template, config.max_seq_len)
+    test_examples = build_examples(tokenizer, pairs["test"], config.prompt_template, config.max_seq_len)
     if not train_examples:
         raise BadInput(f"every prompt fills max_seq_len={config.max_seq_len}; no answer tokens are left to train on")
 
@@ -437,7 +551,7 @@ def train(
     )
 
     state = {"config": config.to_dict(), "epoch": 0, "batch": 0, "step": 0, "losses": [], "eval_before": None}
-    if (checkpoint / "state.pt").exists():
+    if (checkpoint := checkpoint_folder(out)) is not None:
         state = _load_checkpoint(model, optimizer, scheduler, checkpoint, config)
         _forget_metrics_after(ctx, store, state["step"])
         _log(ctx, f"resuming at epoch {state['epoch'] + 1}, step {state['step']} of {total_steps}")
@@ -450,72 +564,71 @@ def train(
 
     def save() -> None:
         if rank == 0:
-            _save_checkpoint(model, optimizer, scheduler, {**state, "eval_after": eval_after}, checkpoint)
+            _save_checkpoint(model, optimizer, scheduler, {**state, "eval_after": eval_after}, out)
 
     model.train()
     peak = 0.0
     saved_at = time.monotonic()
-    try:
-        for epoch in range(state["epoch"], config.epochs):
-            batches = length_grouped_batches(train_examples, config.batch_size, config.seed, epoch)
-            while state["batch"] < len(batches):
-                started, tokens, loss_sum = time.perf_counter(), 0, 0.0
-                group = batches[state["batch"] : state["batch"] + per_step]
-                for indices in group[rank::world]:
-                    batch = _to(collate([train_examples[i] for i in indices], pad_id), _device())
-                    loss = answer_loss(model, batch)
-                    (loss / len(group)).backward()
-                    loss_sum += loss.item()
-                    tokens += int(batch["attention_mask"].sum())
-                if world > 1:
-                    _sum_gradients(trainable)
-                    loss_sum, tokens = _all_sum([loss_sum, tokens], world)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["batch"] += len(group)
-                state["step"] += 1
-                peak = _peak_memory_mb(peak)
-                metrics = {
-                    "train_loss": loss_sum / len(group),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens / (time.perf_counter() - started),
-                    "peak_memory_mb": peak,
-                }
-                state["losses"].append(metrics["train_loss"])
-                _record(ctx, store, state["step"], epoch + state["batch"] / len(batches), metrics)
-                if on_step:
-                    on_step({"step": state["step"], **metrics})
-                if ctx is not None:
-                    ctx.progress(
-                        state["step"],
-                        total_steps,
-                        f"epoch {epoch + 1}/{config.epochs}, loss {metrics['train_loss']:.4f}",
-                        **metrics,
-                    )
-                if world == 1 and ctx is not None:
-                    ctx.check_cancel()
-                elif world > 1 and _all_sum([ctx is not None and ctx.cancelled()], world)[0]:
-                    raise JobCancelled()  # process 0 saw the cancel; every process stops at the same step
-                if time.monotonic() - saved_at > CHECKPOINT_SECONDS and state["batch"] < len(batches):
-                    save()
-                    saved_at = time.monotonic()
-            eval_after = eval_loss(model, test_examples, config.batch_size, pad_id)
-            if eval_after is not None:
-                _record(ctx, store, state["step"], epoch + 1, {"eval_loss": eval_after})
-            _log(ctx, f"epoch {epoch + 1}: eval loss {eval_after}")
-            state["epoch"], state["batch"] = epoch + 1, 0
-            if on_epoch:
-                on_epoch(epoch + 1, eval_after)
+    # A SIGTERM (a cancel's escalation) is held: the run stops after its step, and its checkpoint is always whole.
+    with jobs.sigterm_held() as terminated:
+        try:
+            for epoch in range(state["epoch"], config.epochs):
+                batches = length_grouped_batches(train_examples, config.batch_size, config.seed, epoch)
+                while state["batch"] < len(batches):
+                    started, tokens, loss_sum = time.perf_counter(), 0, 0.0
+                    group = batches[state["batch"] : state["batch"] + per_step]
+                    for indices in group[rank::world]:
+                        batch = _to(collate([train_examples[i] for i in indices], pad_id), _device())
+                        loss = answer_loss(model, batch)
+                        (loss / len(group)).backward()
+                        loss_sum += loss.item()
+                        tokens += int(batch["attention_mask"].sum())
+                    if world > 1:
+                        _sum_gradients(trainable)
+                        loss_sum, tokens = _all_sum([loss_sum, tokens], world)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["batch"] += len(group)
+                    state["step"] += 1
+                    peak = _peak_memory_mb(peak)
+                    metrics = {
+                        "train_loss": loss_sum / len(group),
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "tokens_per_s": tokens / (time.perf_counter() - started),
+                        "peak_memory_mb": peak,
+                    }
+                    state["losses"].append(metrics["train_loss"])
+                    _record(ctx, store, state["step"], epoch + state["batch"] / len(batches), metrics)
+                    if on_step:
+                        on_step({"step": state["step"], **metrics})
+                    if ctx is not None:
+                        ctx.progress(
+                            state["step"],
+                            total_steps,
+                            f"epoch {epoch + 1}/{config.epochs}, loss {metrics['train_loss']:.4f}",
+                            **metrics,
+                        )
+                    _check_stop(ctx, world, terminated)
+                    if time.monotonic() - saved_at > CHECKPOINT_SECONDS and state["batch"] < len(batches):
+                        save()
+                        saved_at = time.monotonic()
+                eval_after = eval_loss(model, test_examples, config.batch_size, pad_id)
+                if eval_after is not None:
+                    _record(ctx, store, state["step"], epoch + 1, {"eval_loss": eval_after})
+                _log(ctx, f"epoch {epoch + 1}: eval loss {eval_after}")
+                state["epoch"], state["batch"] = epoch + 1, 0
+                if on_epoch:
+                    on_epoch(epoch + 1, eval_after)
+                save()
+                saved_at = time.monotonic()
+        except JobCancelled:
             save()
-            saved_at = time.monotonic()
-    except JobCancelled:
-        save()
-        if world > 1:  # the others wait for process 0's checkpoint: the launcher ends them all once one exits
-            import torch.distributed as dist
+            if world > 1:  # the others wait for process 0's checkpoint: the launcher ends them all once one exits
+                import torch.distributed as dist
 
-            dist.barrier()
-        raise
+                dist.barrier()
+            raise
 
     if rank == 0:
         model.save_pretrained(out / "adapter")
@@ -534,6 +647,19 @@ def train(
     return result
 
 
+def _check_stop(ctx: JobContext | None, world: int, terminated: threading.Event) -> None:
+    """JobCancelled when the run is to stop after this step: a cancel in the store (process 0 reads it) or a
+    SIGTERM held meanwhile. In a run of several processes each votes, so that all stop at the same step."""
+    if world > 1:
+        if _all_sum([float(terminated.is_set() or (ctx is not None and ctx.cancelled()))], world)[0]:
+            raise JobCancelled()
+        return
+    if terminated.is_set():
+        raise JobCancelled()
+    if ctx is not None:
+        ctx.check_cancel()
+
+
 def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
     """Sum the adapter gradients over all processes (one flat all-reduce; a LoRA adapter is small)."""
     import torch.distributed as dist
@@ -549,6 +675,7 @@ def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
 
 PROCESSES_ENV = "WORKBENCH_TRAIN_PROCESSES"  # overrides the number of training processes (e.g. 2 on a CPU)
 CANCELLED_EXIT = 3  # a process of a distributed run exits with this after a cancel
+RANK_SHUTDOWN_SECONDS = 24 * 3600
 
 
 def training_processes() -> int:
@@ -573,6 +700,7 @@ def train_distributed(ctx: JobContext, config: TrainConfig, processes: int) -> T
 
     out = Path(config.output_dir or workspace.artifacts_dir() / f"train-{ctx.job_id}")
     out.mkdir(parents=True, exist_ok=True)
+    pinned_pairs(ctx.store, config, out)  # pinned here, once, so that every process reads the same pairs
     # --multi_gpu is accelerate's torchrun launcher; without a GPU its processes meet over gloo on the CPU
     # (accelerate's --cpu launcher needs MPI for more than one process).
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
@@ -580,13 +708,17 @@ def train_distributed(ctx: JobContext, config: TrainConfig, processes: int) -> T
     command += ["--main_process_port", str(_free_port()), "-m", "core.training", "rank", str(ctx.job_id), str(out)]
     ctx.log(f"training in {processes} processes: {' '.join(command[2:])}")
     log_path = out / "processes.log"
+    # torchrun gives its processes this long after a SIGTERM before it kills them: long enough for any step and
+    # checkpoint (they stop at the end of their step); a job that stops responding is killed by the job's watch.
+    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(RANK_SHUTDOWN_SECONDS)}
     with open(log_path, "ab") as log:  # in the job's process group: a cancel or kill of the job reaches them
-        launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         code = launch.wait()
     except BaseException:
-        launch.terminate()  # torchrun passes it on to the training processes
-        launch.wait()
+        with jobs.sigterm_held():  # a second SIGTERM must not leave the processes saving without us waiting
+            launch.terminate()  # torchrun passes it on to the training processes
+            launch.wait()
         raise
     if code == CANCELLED_EXIT or ctx.cancelled():
         raise JobCancelled()
@@ -617,6 +749,7 @@ def _rank_main(job_id: int, output_dir: str) -> int:
     """One process of a distributed run (`python -m core.training rank JOB OUTPUT`, started by accelerate)."""
     import torch.distributed as dist
 
+    jobs.cancel_on_sigterm()  # as in a job's own process: held while training, a cancel at the end of the step
     if torch.cuda.is_available():
         torch.cuda.set_device(_device())
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -714,7 +847,7 @@ def run_train_job(ctx: JobContext) -> None:
     if config.evaluate_with == "none":
         ctx.progress(result.steps, result.steps, f"done: {summary}", stage="done")
         return
-    run_id = ctx.figures().get("eval_run_id")
+    run_id = ctx.figures().get("eval_run_id") or _unrecorded_eval_run(ctx, result.output_dir, config.evaluate_with)
     if run_id is None:
         run = evaluation.create_eval_run(
             ctx.store,
@@ -725,13 +858,30 @@ def run_train_job(ctx: JobContext) -> None:
                 limit=config.limit,
             ),
         )
-        ctx.progress(0, None, f"evaluating: run {run.id}", stage="evaluating", eval_run_id=run.id)
     else:
         run = runs.get_run(ctx.store, run_id)
+    ctx.progress(0, None, f"evaluating: run {run.id}", stage="evaluating", eval_run_id=run.id)
     f1 = evaluation.evaluate_run(ctx, run)
     ctx.progress(
         result.steps, result.steps, f"done: {summary}; run {run.id} mean F1 {f1:.3f}", stage="done", mean_f1=f1
     )
+
+
+def _unrecorded_eval_run(ctx: JobContext, train_dir: str, backend: str) -> int | None:
+    """The evaluation run an earlier attempt of this job created and was stopped before recording, if any.
+
+    The run and the job's figures are two commits; finding the run again makes the second step safe to
+    redo, so a resumed job never evaluates into a second, empty run.
+    """
+    from core.evaluation import RUN_KIND
+
+    row = ctx.store.one(
+        "SELECT r.id FROM runs r JOIN jobs j ON j.id = ? WHERE r.kind = ? AND r.backend = ?"
+        " AND r.created_at >= j.created_at AND json_extract(r.config, '$.evaluation.train_dir') = ?"
+        " ORDER BY r.id DESC LIMIT 1",
+        (ctx.job_id, RUN_KIND, backend, str(Path(train_dir))),
+    )
+    return row["id"] if row else None
 
 
 if __name__ == "__main__":
