@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,6 +434,9 @@ def _claim(store: Store, job_id: int) -> Any:
             raise NotFound(f"no job with id {job_id}")
         if row["state"] != "queued":  # e.g. cancelled between its process's start and its first step
             raise BadInput(f"job {job_id} is {row['state']}; only a queued job starts (resume it to run it again)")
+        me = psutil.Process(os.getpgrp())  # the supervisor, whose group holds every process of the job
+        if row["pid"] is not None and row["pid"] != me.pid:  # e.g. a process left from a rolled-back submit
+            raise BadInput(f"job {job_id} was started by process {row['pid']}, not by this one")
         if row["cancel_requested_at"] is not None:
             conn.execute(
                 "UPDATE jobs SET state = 'cancelled', message = 'cancelled before it started', finished_at = ?"
@@ -447,7 +451,6 @@ def _claim(store: Store, job_id: int) -> Any:
                 (f"waiting for job {holder} to finish: one training job at a time on this device", now(), job_id),
             )
             return None
-        me = psutil.Process(os.getpgrp())  # the supervisor, whose group holds every process of the job
         conn.execute(
             "UPDATE jobs SET state = 'running', pid = ?, pid_started = ?, attempts = attempts + 1,"
             " started_at = COALESCE(started_at, ?), heartbeat_at = ?, finished_at = NULL, error = '' WHERE id = ?",
@@ -492,6 +495,32 @@ def _record_worker_death(store: Store, job_id: int, code: int, tail: list[str]) 
     )
 
 
+def cancel_on_sigterm() -> None:
+    """Make SIGTERM (a cancel's escalation) a JobCancelled raised where Python can see it."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(JobCancelled()))
+
+
+@contextlib.contextmanager
+def sigterm_held() -> Iterator[threading.Event]:
+    """Hold SIGTERM while the block runs (training steps, a checkpoint being written): one that arrives is noted.
+
+    The block polls the event it is given where it can stop cleanly; once it has ended, however it ends,
+    a held SIGTERM goes to the handler that was in place before (cancel_on_sigterm's raises JobCancelled).
+    Signals reach the main thread only, so elsewhere this holds nothing.
+    """
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.set())
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if received.is_set():
+            signal.raise_signal(signal.SIGTERM)
+
+
 def run(job_id: int) -> str:
     """Body of the worker (`run-job ID --worker`): wait for the device if need be, claim the job, run it."""
     import faulthandler
@@ -506,8 +535,7 @@ def run(job_id: int) -> str:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(job_id, stop), daemon=True)
     beat.start()
-    # SIGTERM (from cancel's escalation) becomes a clean cancellation where Python can see it.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(JobCancelled()))
+    cancel_on_sigterm()
     state, message, error = "done", "finished", ""
     try:
         ctx.log(f"started (attempt {row['attempts'] + 1})")
@@ -528,9 +556,10 @@ def run(job_id: int) -> str:
     finally:
         stop.set()
     ctx.log(f"{state}: {message}")
+    # Only this attempt's own row: a worker that ends late never overwrites a newer attempt's state.
     store.execute(
-        "UPDATE jobs SET state = ?, message = ?, error = ?, finished_at = ? WHERE id = ?",
-        (state, message, error, now(), job_id),
+        "UPDATE jobs SET state = ?, message = ?, error = ?, finished_at = ? WHERE id = ? AND attempts = ?",
+        (state, message, error, now(), job_id, row["attempts"] + 1),
     )
     store.close()
     return state

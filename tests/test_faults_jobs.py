@@ -117,7 +117,8 @@ def test_a_job_that_is_not_responding_can_be_killed_and_resumed(starter, monkeyp
     os.kill(worker_of(job).pid, signal.SIGSTOP)
     wait_until(lambda: not jobs.get(starter, job_id).responding, timeout=10)
     job = jobs.kill(starter, job_id)
-    assert job.state == "cancelled" and not processes.group_members(job.pid)
+    assert job.state == "cancelled"
+    wait_until(lambda: not processes.group_members(job.pid), timeout=5)
     jobs.resume(starter, job_id)
     assert jobs.wait(starter, job_id, timeout=90).state == "done"
     assert generations(starter, run_id) == jobs.get(starter, job_id).total
