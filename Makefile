@@ -11,13 +11,17 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: run test bench lint format browser models bootstrap engine shots clean
+.PHONY: run test soak bench lint format browser models bootstrap engine shots clean
 
 run: bootstrap models
 	$(PY) -m streamlit run workbench/app.py
 
 test: bootstrap models browser
 	bash tests/run_suite.sh
+
+# The bounded soak test alone (make test runs it too): jobs, edits and SIGKILLs at once, then the counts.
+soak: bootstrap models
+	bash tests/run_suite.sh -m soak -s
 
 # Every benchmark in tests/benchmarks, each printing workbench-vs-baseline ratios from one run.
 bench: bootstrap models
