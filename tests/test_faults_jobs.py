@@ -10,23 +10,14 @@ import time
 import psutil
 import pytest
 
-from core import jobs, processes, runs
-from core.decoding import DecodingParams
+from core import jobs, processes
 from core.store import Store, now
 from tests.conftest import wait_until
+from tests.test_jobs import echo_run
 
 
 def echo_job(store, delay: float, start: bool = True) -> tuple[int, int]:
-    run_id = runs.create_run(
-        store,
-        runs.RunSpec(
-            dataset="starter",
-            backend="echo",
-            part="test",
-            backend_options={"delay": delay},
-            params=DecodingParams(max_tokens=12),
-        ),
-    )
+    run_id = echo_run(store, delay)
     return run_id, jobs.submit(store, "generate", {"run_id": run_id}, start=start)
 
 
