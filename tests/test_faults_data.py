@@ -352,5 +352,13 @@ def test_settings_show_an_error_from_the_server_as_written(monkeypatch):
     app = AppTest.from_file("../workbench/app.py", default_timeout=60)
     app.switch_page("../pages/settings.py").run()
     assert not app.exception
-    assert any(ui.plain("127.0.0.1:9/**x**") in w.value for w in app.warning)
+    assert any(ui.plain("http://127.0.0.1:9/**x**") in w.value for w in app.warning)  # a code span: as written
     assert any(ui.plain("http://127.0.0.1:9/**x**") in c.value for c in app.caption)
+
+
+def test_plain_text_keeps_urls_clickable_and_markdown_inert():
+    """Streamlit links bare URLs, where an escape would show as a backslash: a URL becomes a code span."""
+    shown = ui.plain("Ollama at http://127.0.0.1:11434 is not reachable — is `ollama serve` running?")
+    assert "`http://127.0.0.1:11434`" in shown and "\\`ollama serve\\`" in shown
+    written = "1. no list\n- no list\na **b** /tmp/x.csv"
+    assert ui.plain(written) == "1\\. no list\n\\- no list\na \\*\\*b\\*\\* /tmp/x.csv"

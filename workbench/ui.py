@@ -25,12 +25,24 @@ _local = threading.local()
 _starter_lock = threading.Lock()
 
 
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>()#+\-.!|$~])")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>()#!|$~])")
+# List and rule markers mean something only where a line starts.
+_LINE_START = re.compile(r"^(\s*\d*)([.+\-=])", re.MULTILINE)
+# Streamlit turns bare URLs into links, where a backslash escape would show: a URL becomes a code span.
+_URL = re.compile(r"https?://[^\s`]+")
 
 
 def plain(text: object) -> str:
     """Text for a widget that renders Markdown (banners, captions, labels), shown exactly as written."""
-    return _MARKDOWN.sub(r"\\\1", str(text))
+    text, shown, start = str(text), [], 0
+    for url in _URL.finditer(text):
+        shown += [_escape(text[start : url.start()]), f"`{url.group()}`"]
+        start = url.end()
+    return "".join([*shown, _escape(text[start:])])
+
+
+def _escape(text: str) -> str:
+    return _LINE_START.sub(r"\1\\\2", _MARKDOWN.sub(r"\\\1", text))
 
 
 def store() -> Store:
