@@ -90,6 +90,11 @@ def test_llamacpp_greedy_answers_are_deterministic_and_stop_cleanly(llamacpp):
     assert all(a and "Question:" not in a and not a.startswith(" ") for a in first)
 
 
+def test_a_llamacpp_answer_does_not_depend_on_the_question_asked_before_it(llamacpp):
+    alone = llamacpp.generate(PROMPTS[:1], GREEDY, STOP)
+    assert llamacpp.generate([PROMPTS[1], PROMPTS[0]], GREEDY, STOP)[1] == alone[0]  # they share a prefix
+
+
 def test_llamacpp_stream_gives_the_same_text_piece_by_piece(llamacpp):
     pieces = list(llamacpp.stream(PROMPTS[0], GREEDY, STOP))
     assert len(pieces) > 1

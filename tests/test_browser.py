@@ -122,6 +122,8 @@ def test_review_in_the_browser_survives_a_reload_then_splits_and_exports(app_ser
     page.reload()
     wait_for_streamlit(page)
     assert page.url.endswith("dataset=review-e2e")  # the choice lives in the URL, so a reload keeps it
+    # A reloaded page may look idle before its first script run has drawn anything: wait for the counts.
+    page.locator("[data-testid='stMetricValue']").nth(2).wait_for(timeout=60_000)
     metrics = page.locator("[data-testid='stMetricValue']").all_inner_texts()
     assert metrics[:3] == ["1", "3", "1"]  # pending, accepted, rejected
     db = sqlite3.connect(app_server.home / "workbench.sqlite")

@@ -68,10 +68,21 @@ class LlamaCppBackend:
         """Load the model now (it otherwise loads at the first answer)."""
         _ = self.llm
 
+    def _forget_previous_prompt(self) -> None:
+        """Evaluate every prompt whole, so that an answer never depends on the question asked before it.
+
+        llama-cpp-python reuses the cached tokens a prompt shares with the previous one and evaluates only
+        the rest; on AVX2 CPUs the repacked Q4_K kernels of a whole prompt and of its short remainder round
+        differently, and greedy answers to the same question diverged after ~10 tokens depending on what was
+        asked before (measured here on the starter questions). The shared prefix is a few template tokens.
+        """
+        self.llm.reset()
+
     def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
         answers = []
         for prompt in prompts:
             with self._lock:
+                self._forget_previous_prompt()
                 out = self.llm.create_completion(prompt, **completion_kwargs(params, stop))
             self.completion_tokens += out["usage"]["completion_tokens"]
             answers.append(cut_at_stop(out["choices"][0]["text"], stop).strip())
@@ -79,6 +90,7 @@ class LlamaCppBackend:
 
     def stream(self, prompt: str, params: DecodingParams, stop: Sequence[str] = ()) -> Iterator[str]:
         with self._lock:
+            self._forget_previous_prompt()
             chunks = self.llm.create_completion(prompt, stream=True, **completion_kwargs(params, stop))
             for piece in visible_pieces((c["choices"][0]["text"] for c in chunks), stop):
                 self.completion_tokens += 1
