@@ -112,7 +112,13 @@ def test_review_in_the_browser_survives_a_reload_then_splits_and_exports(app_ser
 
     page.get_by_role("tab", name="Review queue").click()
     for action in ("Accept", "Accept", "Reject"):
+        # Wait for the next pair to be drawn: a click that lands on the pair just acted on is refused as stale.
+        shown = page.get_by_text(re.compile(r"^Pair \d+ ·")).first
+        before = shown.inner_text()
         click_button(page, action)
+        deadline = time.monotonic() + 60
+        while shown.inner_text() == before and time.monotonic() < deadline:
+            page.wait_for_timeout(200)
     click_button(page, "Edit")
     page.get_by_role("textbox", name="Answer").fill("Edited in the browser: this answer replaces the generated one.")
     page.get_by_role("textbox", name="Answer").blur()
@@ -271,7 +277,12 @@ def test_compare_two_runs_then_rate_three_blind_pairs_that_survive_a_reload(app_
     page.get_by_role("textbox", name="Your name").press("Enter")
     wait_for_streamlit(page)
     for _ in range(3):
+        left = page.get_by_text(re.compile(r"\d+ left to rate")).first
+        before = left.inner_text()
         click_button(page, "Answer 1 is better")
+        deadline = time.monotonic() + 60  # the next pair must be drawn before the next verdict
+        while left.inner_text() == before and time.monotonic() < deadline:
+            page.wait_for_timeout(200)
     page.reload()
     wait_for_streamlit(page)
     db = sqlite3.connect(app_server.home / "workbench.sqlite")
