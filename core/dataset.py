@@ -33,7 +33,12 @@ from core.store import Store, now
 log = logging.getLogger(__name__)
 
 STATUSES = ("pending", "accepted", "rejected")
-PARTS = ("train", "test")
+PARTS = ("train", "validation", "test")
+# Defaults for small datasets: the validation part is what choices (a decoding configuration, a trial, a
+# checkpoint) are made on, so that the test part is only reported on.
+DEFAULT_TEST_SIZE = 0.2
+DEFAULT_VALIDATION_SIZE = 0.1
+DEFAULT_SPLIT_SEED = 42
 STARTER_NAME = "starter"
 STARTER_FILE = Path(__file__).resolve().parent.parent / "data" / "research_qa.csv"
 
@@ -67,6 +72,26 @@ class SplitInfo:
     stratified: bool
     train: int
     test: int
+    validation: int = 0
+    validation_size: float = 0.0  # 0 for splits made before validation parts existed, or drawn without one
+
+    def size(self, part: str) -> int:
+        return {"train": self.train, "validation": self.validation, "test": self.test}[part]
+
+    def describe(self) -> str:
+        """'v2: 83 train / 11 validation / 23 test', or for a split without one, '... (no validation part)'."""
+        if self.validation:
+            return f"v{self.version}: {self.train} train / {self.validation} validation / {self.test} test"
+        return f"v{self.version}: {self.train} train / {self.test} test (no validation part)"
+
+
+def no_validation_message(split: SplitInfo) -> str:
+    """Why a choice cannot be made on split's validation part, and what to do instead."""
+    return (
+        f"split v{split.version} of {split.dataset!r} has no validation part (drawn without one, or before"
+        " validation parts existed): draw a new split with a validation share (Dataset page, or"
+        f" `split --dataset {split.dataset} --validation-size {DEFAULT_VALIDATION_SIZE}`)"
+    )
 
 
 def dataset_id(store: Store, name: str) -> int:
@@ -249,7 +274,7 @@ def import_file(store: Store, path: str | Path, dataset: str | None = None, stat
 def ensure_starter(store: Store) -> ImportSummary | None:
     """Import the shipped starter dataset on a workspace's first run (never again, even if deleted).
 
-    It arrives split 80/20 (seed 42), as in the study, so a first sweep or training run needs no setup.
+    It arrives split 70/10/20 train/validation/test (seed 42), so a first sweep or training run needs no setup.
     """
     if store.get_setting("starter_imported"):
         return None
@@ -486,15 +511,27 @@ def pair_history(store: Store, pair_id: int) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-def make_split(store: Store, dataset: str, test_size: float = 0.2, seed: int = 42) -> SplitInfo:
-    """Draw a new, frozen train/test split version over the accepted pairs.
+def make_split(
+    store: Store,
+    dataset: str,
+    test_size: float = DEFAULT_TEST_SIZE,
+    seed: int = DEFAULT_SPLIT_SEED,
+    validation_size: float = DEFAULT_VALIDATION_SIZE,
+) -> SplitInfo:
+    """Draw a new, frozen train/validation/test split version over the accepted pairs.
 
-    Stratified by field: each field contributes round(n * test_size) pairs to test (at
-    least one when it has two or more), so small fields are not left out of evaluation.
+    Stratified by field: each field contributes round(n * test_size) pairs to test and round(n *
+    validation_size) to validation (at least one each when it has enough pairs, and always one left to
+    train), so small fields are not left out of evaluation. A validation size of 0 draws no validation part.
     Earlier versions stay untouched, so runs keep pointing at the split they used.
     """
     if not 0 < test_size < 1:
         raise BadInput(f"test size must be between 0 and 1 (exclusive), got {test_size}")
+    if not 0 <= validation_size < 1 or test_size + validation_size >= 1:
+        raise BadInput(
+            f"validation size must be at least 0 and leave pairs to train on (test {test_size} + validation"
+            f" {validation_size} must stay under 1)"
+        )
     ds = dataset_id(store, dataset)
     rows = store.query("SELECT id, field FROM pairs WHERE dataset_id = ? AND status = 'accepted' ORDER BY id", (ds,))
     if len(rows) < 2:
@@ -503,39 +540,51 @@ def make_split(store: Store, dataset: str, test_size: float = 0.2, seed: int = 4
     for r in rows:
         by_field[r["field"]].append(r["id"])
     rng = random.Random(seed)
-    test: set[int] = set()
-    stratified = len(by_field) > 1
+    part_of: dict[int, str] = {}
     for field in sorted(by_field):
         ids = by_field[field]
         rng.shuffle(ids)
-        n_test = round(len(ids) * test_size)
-        if len(ids) >= 2:
-            n_test = min(max(n_test, 1), len(ids) - 1)
-        test.update(ids[:n_test])
-    if not test:
-        test.add(rng.choice([r["id"] for r in rows]))
+        n_test, n_validation = _held_out(len(ids), test_size, validation_size)
+        part_of.update((i, "test") for i in ids[:n_test])
+        part_of.update((i, "validation") for i in ids[n_test : n_test + n_validation])
+    if "test" not in part_of.values():
+        part_of[rng.choice([r["id"] for r in rows if r["id"] not in part_of])] = "test"
     with store.transaction() as conn:
         version = conn.execute(
             "SELECT COALESCE(MAX(version), 0) + 1 FROM splits WHERE dataset_id = ?", (ds,)
         ).fetchone()[0]
         split_id = conn.execute(
-            "INSERT INTO splits (dataset_id, version, seed, test_size, stratified, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (ds, version, seed, test_size, int(stratified), now()),
+            "INSERT INTO splits (dataset_id, version, seed, test_size, validation_size, stratified, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (ds, version, seed, test_size, validation_size, int(len(by_field) > 1), now()),
         ).lastrowid
         conn.executemany(
             "INSERT INTO split_members (split_id, pair_id, part) VALUES (?, ?, ?)",
-            [(split_id, r["id"], "test" if r["id"] in test else "train") for r in rows],
+            [(split_id, r["id"], part_of.get(r["id"], "train")) for r in rows],
         )
     return split_info(store, split_id)
+
+
+def _held_out(n: int, test_size: float, validation_size: float) -> tuple[int, int]:
+    """How many of a field's n pairs go to test and to validation: one each at least when the field has
+    enough pairs for it, and at least one always left to train."""
+    n_test = round(n * test_size)
+    if n >= 2:
+        n_test = min(max(n_test, 1), n - 1)
+    n_validation = round(n * validation_size)
+    if validation_size > 0 and n >= 3:
+        n_validation = max(n_validation, 1)
+    return n_test, max(min(n_validation, n - n_test - 1), 0)
 
 
 def split_info(store: Store, split_id: int) -> SplitInfo:
     row = store.one(
         "SELECT s.*, d.name AS dataset,"
-        " (SELECT COUNT(*) FROM split_members m WHERE m.split_id = s.id AND m.part = 'train') AS n_train,"
-        " (SELECT COUNT(*) FROM split_members m WHERE m.split_id = s.id AND m.part = 'test') AS n_test"
-        " FROM splits s JOIN datasets d ON d.id = s.dataset_id WHERE s.id = ?",
+        + ",".join(
+            f" (SELECT COUNT(*) FROM split_members m WHERE m.split_id = s.id AND m.part = '{part}') AS n_{part}"
+            for part in PARTS
+        )
+        + " FROM splits s JOIN datasets d ON d.id = s.dataset_id WHERE s.id = ?",
         (split_id,),
     )
     if row is None:
@@ -549,6 +598,8 @@ def split_info(store: Store, split_id: int) -> SplitInfo:
         bool(row["stratified"]),
         row["n_train"],
         row["n_test"],
+        row["n_validation"],
+        row["validation_size"],
     )
 
 
@@ -561,8 +612,10 @@ def list_splits(store: Store, dataset: str) -> list[dict]:
         {
             "version": s.version,
             "train": s.train,
+            "validation": s.validation,
             "test": s.test,
             "seed": s.seed,
+            "validation share": s.validation_size,
             "test share": s.test_size,
             "stratified": s.stratified,
         }
@@ -579,7 +632,7 @@ def overview(store: Store) -> list[dict]:
             {
                 "dataset": name,
                 **status_counts(store, name),
-                "split": f"v{split.version}: {split.train} train / {split.test} test" if split else "none",
+                "split": split.describe() if split else "none",
             }
         )
     return rows
@@ -597,7 +650,7 @@ def select_pairs(
 ) -> list[StoredPair]:
     """Pairs of a dataset, optionally only one part of a split (the latest unless given)."""
     if part not in ("all", *PARTS):
-        raise BadInput(f"split part must be train, test or all, got {part!r}")
+        raise BadInput(f"split part must be train, validation, test or all, got {part!r}")
     if status not in ("all", *STATUSES):
         raise BadInput(f"status must be accepted, pending, rejected or all, got {status!r}")
     sql = "SELECT p.id, p.question, p.answer, p.field FROM pairs p"

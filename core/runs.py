@@ -39,6 +39,8 @@ class RunSpec:
     repeats: int = 1
     backend_options: dict[str, Any] = field(default_factory=dict)
     scorer: str = ""  # the scorer stamp its answers are scored with (empty: not scored)
+    split_id: int | None = None  # a given split version (e.g. the one an adapter was trained on); None: the latest
+    selection: dict[str, Any] = field(default_factory=dict)  # how it was chosen, see `Run.selection`
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class Run:
     created_at: float
     sweep_id: int | None = None
     scorer: str = ""
+    # How this run's settings were chosen, when they were chosen among candidates: {"how": a sentence,
+    # "candidates": N, "split_id": S, "part": the part chosen on, "pair_ids": the questions the choice was
+    # made on}. Empty for a run nobody chose (one configuration, one training run).
+    selection: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,18 +117,29 @@ def check_spec(store: Store, spec: RunSpec) -> tuple[str, ds.SplitInfo | None]:
     """Refuse a run that cannot work (before anything is written); returns its model and split."""
     check_template(spec.prompt_template)
     if spec.part not in ("all", *ds.PARTS):
-        raise BadInput(f"part must be test, train or all, got {spec.part!r}")
+        raise BadInput(f"part must be train, validation, test or all, got {spec.part!r}")
     if spec.repeats < 1:
         raise BadInput("repeats must be at least 1")
     if spec.limit is not None and spec.limit < 1:
         raise BadInput("limit must be at least 1")
     ds.dataset_id(store, spec.dataset)
-    split = ds.latest_split(store, spec.dataset) if spec.part != "all" else None
+    split = _split_of(store, spec) if spec.part != "all" else None
     if spec.part != "all" and split is None:
         raise BadInput(f"dataset {spec.dataset!r} has no split yet; run `split --dataset {spec.dataset}` first")
-    if split is not None and (split.test if spec.part == "test" else split.train) == 0:
+    if split is not None and split.size(spec.part) == 0:
+        if spec.part == "validation":
+            raise BadInput(ds.no_validation_message(split))
         raise BadInput(f"the {spec.part} part of {spec.dataset!r} split v{split.version} is empty")
     return resolve_model(store, spec.backend, spec.model), split
+
+
+def _split_of(store: Store, spec: RunSpec) -> ds.SplitInfo | None:
+    if spec.split_id is None:
+        return ds.latest_split(store, spec.dataset)
+    split = ds.split_info(store, spec.split_id)
+    if split.dataset != spec.dataset:
+        raise BadInput(f"split {spec.split_id} belongs to dataset {split.dataset!r}, not {spec.dataset!r}")
+    return split
 
 
 @dataclass(frozen=True)
@@ -159,8 +176,8 @@ def record_run(
     with store.transaction() as conn:
         run_id = conn.execute(
             "INSERT INTO runs (kind, label, dataset_id, split_id, part, backend, model, model_hash, adapter, params,"
-            " prompt_template, config, scorer, sweep_id, job_id, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " prompt_template, config, scorer, sweep_id, job_id, selection, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 spec.kind,
                 spec.label,
@@ -177,6 +194,7 @@ def record_run(
                 spec.scorer,
                 sweep_id,
                 job_id,
+                json.dumps(spec.selection),
                 now(),
             ),
         ).lastrowid
@@ -239,6 +257,7 @@ def _to_run(row: Any) -> Run:
         created_at=row["created_at"],
         sweep_id=row["sweep_id"],
         scorer=row["scorer"],
+        selection=json.loads(row["selection"]),
     )
 
 

@@ -249,6 +249,23 @@ MIGRATIONS: list[str] = [
         SELECT r.sweep_id, rp.position, rp.pair_id, rp.question, rp.reference, rp.field FROM run_pairs rp
         JOIN runs r ON r.id = rp.run_id WHERE r.id = (SELECT MIN(id) FROM runs WHERE sweep_id = r.sweep_id);
     """,
+    # 6: a split has a validation part (choices are made on it, results reported on test); splits made before
+    # have none (validation_size 0) and keep working as they were. A run records how it was chosen
+    # (`selection`: the candidates and the questions the choice was made on), so that a comparison on those
+    # same questions can be marked optimistic. SQLite cannot change a CHECK, so split_members is rebuilt.
+    """
+    ALTER TABLE splits ADD COLUMN validation_size REAL NOT NULL DEFAULT 0;
+    CREATE TABLE split_members_v6 (
+        split_id INTEGER NOT NULL REFERENCES splits(id) ON DELETE CASCADE,
+        pair_id INTEGER NOT NULL REFERENCES pairs(id) ON DELETE CASCADE,
+        part TEXT NOT NULL CHECK (part IN ('train', 'validation', 'test')),
+        PRIMARY KEY (split_id, pair_id)
+    );
+    INSERT INTO split_members_v6 (split_id, pair_id, part) SELECT split_id, pair_id, part FROM split_members;
+    DROP TABLE split_members;
+    ALTER TABLE split_members_v6 RENAME TO split_members;
+    ALTER TABLE runs ADD COLUMN selection TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 

@@ -34,8 +34,8 @@ def header() -> None:
         col.metric(status.capitalize(), counts[status])
     cols[3].metric(
         "Split",
-        f"v{split.version}: {split.train}/{split.test}" if split else "none",
-        help="Latest frozen train/test split over the accepted pairs",
+        f"v{split.version}: {split.train}/{split.validation}/{split.test}" if split else "none",
+        help="Latest frozen split over the accepted pairs: train / validation / test",
     )
     last = dataset.last_change(store, name)
     with cols[4]:
@@ -377,28 +377,40 @@ def export_on_click(dataset_name: str, fmt: str, part: str) -> Callable[[], str]
 with split_tab:
     st.markdown(
         "A split is frozen: drawing a new one creates a new version, and earlier runs keep the "
-        "version they used. Stratified by field where possible."
+        "version they used. Stratified by field where possible. **Train** is trained on; **validation** is "
+        "what choices are made on (the best decoding configuration, a search's trials, eval loss); **test** "
+        "is only reported on, so that its numbers are not flattered by the choices."
     )
-    c1, c2, c3 = st.columns([1, 1, 2])
-    test_size = c1.number_input("Test share", min_value=0.05, max_value=0.95, value=0.2, step=0.05)
-    seed = c2.number_input("Seed", min_value=0, value=42, step=1)
+    c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
+    test_size = c1.number_input("Test share", min_value=0.05, max_value=0.9, value=dataset.DEFAULT_TEST_SIZE, step=0.05)
+    validation_size = c2.number_input(
+        "Validation share",
+        min_value=0.0,
+        max_value=0.5,
+        value=dataset.DEFAULT_VALIDATION_SIZE,
+        step=0.05,
+        help="0 draws no validation part: choices are then made on the test questions and reported optimistic",
+    )
+    seed = c3.number_input("Seed", min_value=0, value=dataset.DEFAULT_SPLIT_SEED, step=1)
     split = dataset.latest_split(store, name)
-    if c3.button("Draw a new split", icon=":material/call_split:"):
-        info = ui.attempt(lambda: dataset.make_split(store, name, float(test_size), int(seed)))
+    if c4.button("Draw a new split", icon=":material/call_split:"):
+        info = ui.attempt(lambda: dataset.make_split(store, name, float(test_size), int(seed), float(validation_size)))
         if info:
-            st.success(f"split v{info.version}: {info.train} train / {info.test} test")
+            st.success(f"split {info.describe()}")
             split = info
+    if split is not None and not split.validation:
+        st.info(ui.plain(dataset.no_validation_message(split)), icon=":material/info:")
     versions = dataset.list_splits(store, name)
     if versions:
         st.dataframe(versions, hide_index=True, width="stretch")
     st.divider()
     st.subheader("Export accepted pairs")
-    parts = ["all", "train", "test"] if split else ["all"]
+    parts = ["all", *(p for p in dataset.PARTS if split.size(p))] if split else ["all"]
     part = st.radio(
         "Part",
         parts,
         horizontal=True,
-        help="train/test use the latest split" if split else "draw a split to export its parts",
+        help="the parts of the latest split" if split else "draw a split to export its parts",
     )
     n_rows = ui.attempt(lambda: len(dataset.select_pairs(store, name, part)))
     if n_rows is not None:

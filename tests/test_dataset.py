@@ -12,8 +12,8 @@ from core.errors import BadInput, NotFound
 def test_the_starter_dataset_is_imported_once_on_first_run(store):
     summary = dataset.ensure_starter(store)
     assert summary.dataset == "starter" and summary.added >= 100
-    split = dataset.latest_split(store, "starter")  # split 80/20 as in the study, ready to sweep or train
-    assert (split.version, split.seed, split.test_size) == (1, 42, 0.2)
+    split = dataset.latest_split(store, "starter")  # split 70/10/20, ready to sweep, choose and train
+    assert (split.version, split.seed, split.test_size, split.validation_size) == (1, 42, 0.2, 0.1)
     assert dataset.ensure_starter(store) is None
     assert dataset.status_counts(store, "starter")["accepted"] == summary.added
 
@@ -78,15 +78,59 @@ def test_a_split_is_stratified_by_field_and_seeded(store):
     dataset.ensure_starter(store)
     first = dataset.make_split(store, "starter", 0.2, seed=7)
     test_pairs = dataset.select_pairs(store, "starter", "test")
-    assert first.train + first.test == dataset.status_counts(store, "starter")["accepted"]
-    assert abs(first.test / (first.train + first.test) - 0.2) < 0.05
+    n = dataset.status_counts(store, "starter")["accepted"]
+    assert first.train + first.validation + first.test == n
+    assert abs(first.test / n - 0.2) < 0.05 and abs(first.validation / n - 0.1) < 0.05
     all_fields = {p.field for p in dataset.select_pairs(store, "starter")}
     assert {p.field for p in test_pairs} == all_fields  # every field is evaluated
+    validation = dataset.select_pairs(store, "starter", "validation")
+    assert {p.field for p in validation} == all_fields  # and every field is chosen on
+    train = dataset.select_pairs(store, "starter", "train")
+    assert not {p.id for p in validation} & ({p.id for p in test_pairs} | {p.id for p in train})
     again = dataset.make_split(store, "starter", 0.2, seed=7)
     assert again.version == first.version + 1
     assert [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=again.id)] == [
         p.id for p in test_pairs
     ]
+
+
+def test_a_split_without_a_validation_part_says_what_that_means(store):
+    dataset.ensure_starter(store)
+    info = dataset.make_split(store, "starter", 0.2, seed=7, validation_size=0)
+    assert info.validation == 0 and info.train + info.test == dataset.status_counts(store, "starter")["accepted"]
+    assert info.describe().endswith("(no validation part)")
+    assert "no validation part" in dataset.no_validation_message(info)
+    with pytest.raises(BadInput, match="leave pairs to train on"):
+        dataset.make_split(store, "starter", 0.5, validation_size=0.5)
+
+
+def test_a_split_made_before_validation_parts_keeps_working(tmp_path):
+    """A store of schema 5 (train/test splits only) is migrated: its split keeps its parts and has no validation."""
+    import sqlite3
+
+    from core.store import MIGRATIONS, Store
+
+    path = tmp_path / "old.sqlite"
+    with Store(path) as new:  # the newest schema, then rolled back by hand to what migration 5 left
+        dataset.add_pairs(new, "d", [formats.PairRow(f"q{i}?", f"a{i}") for i in range(10)], "accepted")
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "DROP TABLE split_members; ALTER TABLE splits DROP COLUMN validation_size;"
+        " ALTER TABLE runs DROP COLUMN selection;"
+        "CREATE TABLE split_members (split_id INTEGER NOT NULL REFERENCES splits(id) ON DELETE CASCADE,"
+        " pair_id INTEGER NOT NULL REFERENCES pairs(id) ON DELETE CASCADE,"
+        " part TEXT NOT NULL CHECK (part IN ('train', 'test')), PRIMARY KEY (split_id, pair_id));"
+        "INSERT INTO splits (dataset_id, version, seed, test_size, stratified, created_at)"
+        " VALUES (1, 1, 42, 0.2, 0, 0);"
+        "INSERT INTO split_members SELECT 1, id, CASE WHEN id <= 2 THEN 'test' ELSE 'train' END FROM pairs;"
+        f"PRAGMA user_version = {len(MIGRATIONS) - 1};"
+    )
+    conn.close()
+    with Store(path) as old:
+        split = dataset.latest_split(old, "d")
+        assert (split.train, split.validation, split.test, split.validation_size) == (8, 0, 2, 0.0)
+        assert [p.id for p in dataset.select_pairs(old, "d", "test")] == [1, 2]
+        assert dataset.make_split(old, "d").validation == 1  # a new split there has its validation part
 
 
 def test_earlier_split_versions_stay_frozen(store):
@@ -115,7 +159,7 @@ def test_export_writes_accepted_pairs_of_a_split_part(store, tmp_path):
     assert set(first) == {"question", "answer", "field"}
     csv_out = tmp_path / "all.csv"
     n = dataset.export_pairs(store, "starter", csv_out, "csv")
-    assert len(formats.read_pairs(csv_out).rows) == n == info.train + info.test
+    assert len(formats.read_pairs(csv_out).rows) == n == info.train + info.validation + info.test
 
 
 def test_a_bulk_status_change_is_one_undo_step(store):

@@ -58,11 +58,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_split(args: argparse.Namespace) -> int:
     with open_workspace(args.dataset) as store:
-        info = dataset.make_split(store, args.dataset, args.test_size, args.seed)
+        info = dataset.make_split(store, args.dataset, args.test_size, args.seed, args.validation_size)
     kind = "stratified by field" if info.stratified else "not stratified (one field)"
-    print(
-        f"split v{info.version} of {info.dataset!r}: {info.train} train / {info.test} test (seed {info.seed}, {kind})"
-    )
+    print(f"split {info.describe()} of {info.dataset!r} (seed {info.seed}, {kind})")
+    if not info.validation:
+        print("without a validation part, choices (best decoding, trials) are made on the questions they are scored on")
     return 0
 
 
@@ -378,14 +378,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _share(text: str) -> float:
-    """A share strictly between 0 and 1, checked before the workspace is opened."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _share(text: str) -> float:
+    """A share strictly between 0 and 1, checked before the workspace is opened."""
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A share from 0 (none) to just under 1."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and under 1, got {value}")
     return value
 
 
@@ -445,10 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", required=True, help="file to write")
 
-    p = command("split", cmd_split, "Draw a new frozen train/test split version over the accepted pairs.")
+    p = command("split", cmd_split, "Draw a new frozen train/validation/test split version over the accepted pairs.")
     p.add_argument("--dataset", required=True, help="dataset to split")
-    p.add_argument("--test-size", type=_share, default=0.2, help="share of pairs in the test part (default 0.2)")
-    p.add_argument("--seed", type=int, default=42, help="random seed of the split (default 42)")
+    p.add_argument(
+        "--test-size",
+        type=_share,
+        default=dataset.DEFAULT_TEST_SIZE,
+        help=f"share of pairs in the test part, only reported on (default {dataset.DEFAULT_TEST_SIZE})",
+    )
+    p.add_argument(
+        "--validation-size",
+        type=_fraction,
+        default=dataset.DEFAULT_VALIDATION_SIZE,
+        help="share of pairs in the validation part, on which choices are made (0: none; default"
+        f" {dataset.DEFAULT_VALIDATION_SIZE})",
+    )
+    p.add_argument(
+        "--seed", type=int, default=dataset.DEFAULT_SPLIT_SEED, help=f"seed (default {dataset.DEFAULT_SPLIT_SEED})"
+    )
 
     p = command("datasets", cmd_datasets, "List datasets with their pair counts per status and latest split.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
