@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from core import runs, scoring
+from core import runs, scoring, sweep
 from core.decoding import DecodingParams
 from core.errors import BadInput
 from core.stats import bootstrap_ci, summarize
@@ -233,24 +233,106 @@ def config_diff(store: Store, run_ids: Sequence[int]) -> pd.DataFrame:
     return table[["run", *differing]]
 
 
-def preset_runs(store: Store, dataset: str | None = None) -> dict[str, int | None]:
-    """The usual question, "baseline vs best decoding vs fine-tuned", as scored run ids (None: no such run).
+def _chosen_on(store: Store, run: runs.Run, choices: dict[int, sweep.Choice]) -> tuple[str, set[int]] | None:
+    """How a run was chosen among other candidates, and the questions it was chosen on; None if it was not.
 
-    baseline: the most recent run without an adapter at the default decoding parameters, else the first run
-    of the most recent sweep; best_decoding: the highest mean F1 among runs without an adapter of kind
-    sweep or decoding; fine_tuned: the most recent run with an adapter.
+    Either it says so itself (`Run.selection`), or it is the best of its sweep (`sweep.choose`, cached in
+    `choices`): sweeps made before runs recorded their selection chose on the questions they were scored on.
     """
-    scored = [s for s in runs.list_runs(store) if s.mean_f1 is not None and dataset in (None, s.run.dataset)]
-    plain = [s.run for s in scored if not s.run.adapter]
-    defaults = [r for r in plain if r.params == DecodingParams()]
+    if run.selection.get("candidates", 0) > 1:
+        return run.selection["how"], set(run.selection["pair_ids"])
+    if run.sweep_id is None:
+        return None
+    if run.sweep_id not in choices:
+        choices[run.sweep_id] = sweep.choose(store, run.sweep_id)
+    choice = choices[run.sweep_id]
+    if len(choice.ranked) > 1 and choice.best == run.id:
+        return choice.how, set(choice.pair_ids)
+    return None
+
+
+def selection_notes(store: Store, run_ids: Sequence[int]) -> list[str]:
+    """One line per run compared on questions its settings were chosen on, among other candidates: its score
+    there is the best of several noisy estimates on the same questions, so it is biased upward."""
+    notes, choices = [], {}
+    for run_id in run_ids:
+        run = runs.get_run(store, run_id)
+        chosen = _chosen_on(store, run, choices)
+        if chosen is None:
+            continue
+        how, pair_ids = chosen
+        asked = {p.id for p in runs.run_pairs(store, run)}
+        if shared := asked & pair_ids:
+            notes.append(
+                f"run {run.id}: {how}, chosen on {len(shared)} of the {len(asked)} questions it is scored on:"
+                " optimistic"
+            )
+    return notes
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The usual question, "baseline vs best decoding vs fine-tuned", as scored run ids (None: no such run)."""
+
+    baseline: int | None
+    best_decoding: int | None  # the test run of the best configuration chosen on validation
+    fine_tuned: int | None
+    note: str = ""  # why best_decoding is missing, and what to do
+    to_confirm: int | None = None  # the sweep whose best is chosen but not yet run on test
+
+    @property
+    def run_ids(self) -> list[int]:
+        """The runs found, each once (the baseline may be the best configuration too)."""
+        return list(dict.fromkeys(i for i in (self.baseline, self.best_decoding, self.fine_tuned) if i is not None))
+
+
+def preset_runs(store: Store, dataset: str | None = None) -> Preset:
+    """Baseline, best decoding and fine-tuned runs to compare on the test part.
+
+    best_decoding: the test run (`sweep.confirm_best`) of the best configuration of the latest sweep with
+    validation scores, chosen on those (`sweep.choose`); never a best of N on the questions it is compared
+    on. baseline: the most recent run without an adapter at the default decoding parameters, else the first
+    run of the most recent sweep; fine_tuned: the most recent run with an adapter. Both are taken from the
+    test part of the confirmed run's split where such runs exist.
+    """
+    scored = [s.run for s in runs.list_runs(store) if s.mean_f1 is not None and dataset in (None, s.run.dataset)]
+    best, note, to_confirm = None, "", None
+    chosen = _latest_validation_choice(store, dataset)
+    if chosen is None:
+        note = "no sweep has validation scores yet: sweep the validation part to choose a decoding configuration"
+    elif (made := sweep.confirmation(store, chosen.sweep_id)) is None:
+        note = f"sweep {chosen.sweep_id}'s best (run {chosen.best}) is chosen on validation: confirm it on test first"
+        to_confirm = chosen.sweep_id
+    elif not any(r.id == made[0] for r in scored):
+        note = f"the test run {made[0]} of sweep {chosen.sweep_id}'s best has no scores yet (job {made[1]})"
+    else:
+        best = runs.get_run(store, made[0])
+
+    def on_test(candidates: list[runs.Run]) -> list[runs.Run]:
+        """The candidates comparable with the best configuration's test run, if any are; else all of them."""
+        same = [r for r in candidates if best and (r.split_id, r.part) == (best.split_id, best.part)]
+        return same or candidates
+
+    plain = [r for r in scored if not r.adapter and r != best]  # a baseline other than what it is the baseline of
+    defaults = on_test([r for r in plain if r.params == DecodingParams()])
     latest_sweep = max((r.sweep_id for r in plain if r.sweep_id is not None), default=None)
-    swept = [r for r in plain if latest_sweep is not None and r.sweep_id == latest_sweep]
+    swept = on_test([r for r in plain if latest_sweep is not None and r.sweep_id == latest_sweep])
     baseline = defaults[-1] if defaults else swept[0] if swept else None
-    decoding = [s for s in scored if not s.run.adapter and s.run.kind in ("sweep", "decoding")]
-    best = max(decoding, key=lambda s: s.mean_f1, default=None)
-    tuned = [s.run for s in scored if s.run.adapter]
-    return {
-        "baseline": baseline.id if baseline else None,
-        "best_decoding": best.run.id if best else None,
-        "fine_tuned": tuned[-1].id if tuned else None,
-    }
+    tuned = on_test([r for r in scored if r.adapter])
+    return Preset(
+        baseline=baseline.id if baseline else None,
+        best_decoding=best.id if best else None,
+        fine_tuned=tuned[-1].id if tuned else None,
+        note=note,
+        to_confirm=to_confirm,
+    )
+
+
+def _latest_validation_choice(store: Store, dataset: str | None) -> sweep.Choice | None:
+    """The choice of the most recent sweep whose best is chosen on validation scores (confirmations left out)."""
+    for made in sweep.list_sweeps(store, dataset):
+        if made.config.confirms is None:
+            choice = sweep.choose(store, made.id)
+            if choice.part == "validation" and choice.best is not None:
+                return choice
+    return None

@@ -1,5 +1,8 @@
 """Evaluating a fine-tuned adapter: answers to the test questions from base model + adapter, scored like any run.
 
+The questions come from the split the adapter was trained on (its test part; a search scores
+its trials on the validation part), never from a newer split that may hold its training pairs.
+
 The result is an ordinary run (kind `finetuned`, its adapter recorded), so the Compare page
 puts it next to the decoding-only runs. The prompt template is the one the adapter was
 trained with; the decoding parameters are copied from a chosen baseline run, so the
@@ -38,7 +41,11 @@ class EvalConfig:
     baseline_run: int | None = field(
         default=None, metadata={"help": "copy the decoding parameters of this run; empty: greedy decoding"}
     )
-    part: str = field(default="test", metadata={"help": "which part of the latest split to answer"})
+    part: str = field(default="test", metadata={"help": "which part of the split to answer"})
+    split_id: int | None = field(
+        default=None,
+        metadata={"help": "the split (by id) to answer a part of; empty: the one the adapter was trained on"},
+    )
     limit: int | None = field(default=None, metadata={"help": "answer only the first N questions"})
     base_gguf: str = field(
         default="", metadata={"help": "base model as GGUF for llamacpp; empty: the embedded GGUF (embedded base only)"}
@@ -89,12 +96,17 @@ def decoding_params(store: Store, baseline_run: int | None) -> DecodingParams:
     return runs.get_run(store, baseline_run).params
 
 
-def _prepare_eval(store: Store, config: EvalConfig) -> tuple[runs.RunSpec, runs.Prepared, EvalConfig]:
+def _prepare_eval(
+    store: Store, config: EvalConfig, selection: dict[str, Any] | None = None
+) -> tuple[runs.RunSpec, runs.Prepared, EvalConfig]:
     """Check everything and hash the base model (slow) before anything is written; refuses bad settings."""
     if config.backend not in ENGINES:
         raise BadInput(f"evaluation engine must be one of {', '.join(ENGINES)}, got {config.backend!r}")
     trained = train_settings(config.train_dir)
     train_dir = Path(trained["train_dir"])
+    # The split the adapter was trained on: the latest split's test part may hold pairs it was trained on. A
+    # folder trained before runs recorded their split has none: the latest split, as then.
+    split_id = config.split_id if config.split_id is not None else trained.get("split_id")
     if config.backend == "llamacpp":
         model, adapter = _base_gguf(config, trained), str(gguf_adapter_path(train_dir))
     else:
@@ -112,8 +124,10 @@ def _prepare_eval(store: Store, config: EvalConfig) -> tuple[runs.RunSpec, runs.
         limit=config.limit,
         backend_options={},
         scorer=scoring.scorer_stamp(config.scorer),
+        split_id=split_id,
+        selection=selection or {},
     )
-    return spec, runs.prepare_run(store, spec), replace(config, train_dir=str(train_dir))
+    return spec, runs.prepare_run(store, spec), replace(config, train_dir=str(train_dir), split_id=split_id)
 
 
 def _record_eval(store: Store, spec: runs.RunSpec, prepared: runs.Prepared, config: EvalConfig) -> int:
@@ -121,9 +135,12 @@ def _record_eval(store: Store, spec: runs.RunSpec, prepared: runs.Prepared, conf
     return runs.record_run(store, spec, prepared, extra_config={"evaluation": config.to_dict()})
 
 
-def create_eval_run(store: Store, config: EvalConfig) -> runs.Run:
-    """Check everything and record the run (nothing is generated yet); refuses bad settings with BadInput."""
-    return runs.get_run(store, _record_eval(store, *_prepare_eval(store, config)))
+def create_eval_run(store: Store, config: EvalConfig, selection: dict[str, Any] | None = None) -> runs.Run:
+    """Check everything and record the run (nothing is generated yet); refuses bad settings with BadInput.
+
+    `selection`: how the adapter's settings were chosen (a search's record, see runs.Run.selection).
+    """
+    return runs.get_run(store, _record_eval(store, *_prepare_eval(store, config, selection)))
 
 
 def ensure_gguf_adapter(run: runs.Run, log=print) -> None:
@@ -182,12 +199,12 @@ def evaluate_training(
     backend: str = "llamacpp",
     limit: int | None = None,
     baseline_run: int | None = None,
+    part: str = "test",
     ctx: JobContext | None = None,
 ) -> runs.Run:
-    """Create and fill an evaluation run in this process (training jobs and Optuna trials call this)."""
-    run = create_eval_run(
-        store, EvalConfig(train_dir=str(train_dir), backend=backend, limit=limit, baseline_run=baseline_run)
-    )
+    """Create and fill an evaluation run in this process (Optuna trials call this, on the validation part)."""
+    config = EvalConfig(train_dir=str(train_dir), backend=backend, limit=limit, baseline_run=baseline_run, part=part)
+    run = create_eval_run(store, config)
     evaluate_run(ctx or QuietContext(store), run)
     return runs.get_run(store, run.id)
 

@@ -22,6 +22,7 @@ th { background: #f1f3f5; }
 article { border: 1px solid #dee2e6; border-radius: 6px; padding: 0.5rem 1rem; margin: 1rem 0; }
 article h3 { font-size: 1rem; margin: 0.4rem 0; }
 dt { font-weight: 600; margin-top: 0.4rem; } dd { margin-left: 1rem; white-space: pre-wrap; }
+.note { background: #fff3bf; border-left: 4px solid #f08c00; padding: 0.4rem 0.8rem; margin: 0.4rem 0; }
 """
 
 
@@ -52,14 +53,17 @@ def render_report(
     figures: Sequence[go.Figure],
     tables: Mapping[str, pd.DataFrame],
     differing_answers: pd.DataFrame,
+    notes: Sequence[str] = (),
 ) -> str:
-    """The whole HTML page: figures in order, then each titled table, then one card per differing answer."""
+    """The whole HTML page: its notes (e.g. optimistic comparisons) under the title, figures in order, then
+    each titled table, then one card per differing answer."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
     ]
+    parts += [f'<p class="note">{escape(note)}</p>' for note in notes]
     parts += [_figure_html(fig, first=i == 0) for i, fig in enumerate(figures)]
     for name, frame in tables.items():
         parts += [f"<h2>{escape(name)}</h2>", _table_html(frame)]

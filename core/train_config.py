@@ -19,6 +19,9 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 METHODS = ("qlora", "lora")
 SCHEDULERS = ("linear", "cosine", "constant")
 EVAL_ENGINES = ("llamacpp", "transformers", "none")
+# Set by a hyperparameter search for its trials and its final training, not by hand: the CLI's `train` has no
+# flags for them (`--trials` and `--folds` start a search, `--from-search` trains with its choice).
+SEARCH_FIELDS = ("split_id", "cv_folds", "cv_fold", "selection")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -35,7 +38,11 @@ def refuse_unknown(cls: type, values: dict[str, Any], what: str) -> None:
 @dataclass(frozen=True)
 class TrainConfig:
     dataset: str = field(metadata={"help": "dataset whose accepted pairs are trained on"})
-    part: str = _opt("train", "which part of the latest split to train on (eval uses the test part)")
+    part: str = _opt(
+        "train",
+        "which part of the split to train on (the eval loss is taken on its validation part, the evaluation after"
+        " training answers its test part)",
+    )
     method: str = _opt("qlora", "qlora: 4-bit NF4 base weights + LoRA; lora: full-precision base + LoRA")
     model: str = _opt("", "model folder or hub id; empty uses the embedded Gemma 3 270M checkpoint")
     lora_r: int = _opt(8, "LoRA rank r: the size of the low-rank update")
@@ -54,15 +61,25 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(
         True, "recompute activations in the backward pass: much less memory (the QLoRA recipe), ~30% slower"
     )
-    limit: int | None = _opt(None, "use only the first N train and N test pairs")
-    seed: int = _opt(42, "seed for the LoRA initialisation, dropout and batch order")
+    limit: int | None = _opt(None, "use only the first N train and N validation pairs (and N test questions)")
+    seed: int = _opt(42, "seed for the LoRA initialisation, dropout, batch order and cross-validation folds")
     prompt_template: str = _opt(DEFAULT_TEMPLATE, "prompt text; must contain {question}")
     output_dir: str = _opt("", "where checkpoint, adapter and metrics go; empty: the workspace's artifacts/train-JOB")
     evaluate_with: str = _opt(
-        "llamacpp", "after training, answer the test part with base + adapter on: llamacpp, transformers or none"
+        "llamacpp",
+        "after training, answer the split's test part with base + adapter on: llamacpp, transformers or none",
     )
     eval_baseline_run: int | None = _opt(None, "evaluation copies this run's decoding parameters; empty: greedy")
     export_merged: bool = _opt(True, "also merge the adapter into the base and write a Q8_0 GGUF with a Modelfile")
+    split_id: int | None = _opt(
+        None, "the split (by id) whose parts are used; empty: the latest one at the run's start"
+    )
+    cv_folds: int = _opt(0, "k-fold cross-validation: the train part is dealt into this many folds (0: none)")
+    cv_fold: int = _opt(0, "with cv_folds: the fold (1..cv_folds) held out for the eval loss; the rest is trained on")
+    selection: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "how these settings were chosen (by a search), recorded with the evaluation run"},
+    )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -93,13 +110,25 @@ class TrainConfig:
             (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
             (bool(self.target_modules), "give at least one target module"),
             (self.evaluate_with in EVAL_ENGINES, f"evaluate_with must be one of {', '.join(EVAL_ENGINES)}"),
+            (
+                self.cv_folds == self.cv_fold == 0 or (self.cv_folds >= 2 and 1 <= self.cv_fold <= self.cv_folds),
+                f"cross-validation needs cv_folds >= 2 and cv_fold in 1..cv_folds (or both 0), got fold"
+                f" {self.cv_fold} of {self.cv_folds}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise BadInput(message)
         check_template(self.prompt_template)
-        if not dataset.select_pairs(store, self.dataset, self.part, "accepted"):
+        if self.split_id is not None and dataset.split_info(store, self.split_id).dataset != self.dataset:
+            raise BadInput(f"split {self.split_id} is not a split of dataset {self.dataset!r}")
+        pairs = dataset.select_pairs(store, self.dataset, self.part, "accepted", split_id=self.split_id)
+        if not pairs:
             raise BadInput(f"dataset {self.dataset!r} has no accepted pairs in its {self.part} part")
+        if len(pairs[: self.limit]) < self.cv_folds:
+            raise BadInput(
+                f"{self.cv_folds} folds need at least {self.cv_folds} {self.part} pairs, got {len(pairs[: self.limit])}"
+            )
         if self.eval_baseline_run is not None and not runs.run_exists(store, self.eval_baseline_run):
             raise BadInput(f"no run with id {self.eval_baseline_run} to copy the decoding parameters from")
         path = _local_folder(models.resolve_generator(self.model, "transformers"))

@@ -7,12 +7,15 @@ machines can join the same study), then starts `workers` worker processes
 (`python -m core.train_search worker --study NAME`) and reports the study's progress until
 they stop. Each worker takes trials until N have finished: it trains with the drawn learning
 rate, r, alpha, dropout and epochs, reports the eval loss after every epoch to a median
-pruner, and scores the finished trial by its eval loss (or the test-split BERTScore F1 of its
-answers). The read side (trials table, best parameters, importances, history data) serves
-the Training page and the CLI; `final_config` is what the final training is started with.
+pruner, and scores the finished trial by its eval loss on the split's validation part (or the
+BERTScore F1 of its answers to the validation questions). For a dataset too small for a useful
+validation part, a trial is scored by k-fold cross-validation over the train part instead. The
+read side (trials table, best parameters, importances, history data) serves the Training page
+and the CLI; `final_config` is what the final training is started with, carrying how it was chosen.
 
-Never builds figures (workbench/figures.py does), never imports streamlit, never trains the
-final model itself (that is an ordinary `train` job), and never deletes a study.
+Never reads a test pair (the final training's evaluation is the only one that does), never
+builds figures (workbench/figures.py does), never imports streamlit, never trains the final
+model itself (that is an ordinary `train` job), and never deletes a study.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import functools
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +47,7 @@ from core.train_config import TrainConfig, refuse_unknown
 
 SEARCHED = ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "epochs")
 OBJECTIVES = {"eval_loss": "minimize", "bertscore": "maximize"}
+OBJECTIVE_NAMES = {"eval_loss": "eval loss", "bertscore": "BERTScore F1"}
 STORAGE_ENV = "WORKBENCH_OPTUNA_STORAGE"  # hands a worker its storage URL without showing a password in `ps`
 POLL_SECONDS = 1.0
 SQLITE_BUSY_SECONDS = 60.0  # a worker waits this long for another process's write instead of "database is locked"
@@ -147,11 +152,21 @@ class SearchConfig:
     trials: int = _opt(10, "trials that must finish (completed or pruned)")
     workers: int = _opt(1, "worker processes on this machine, each training one trial at a time")
     objective: str = _opt(
-        "eval_loss", "eval_loss: lowest test-split loss after training; bertscore: highest test-split mean F1"
+        "eval_loss",
+        "eval_loss: lowest loss on the validation part after training; bertscore: highest mean F1 of the answers"
+        " to the validation questions",
+    )
+    folds: int = _opt(
+        0,
+        "0: score trials on the split's validation part; K >= 2: K-fold cross-validation over the train part"
+        " instead (each trial trains K times, scored by the mean eval loss on the held-out folds), for a dataset"
+        " too small for a useful validation part",
     )
     space: SearchSpace = _opt(SearchSpace(), "the ranges the searched settings are drawn from")
     prune_startup_trials: int = _opt(2, "completed trials before the median pruner starts stopping weak trials")
-    prune_warmup_epochs: int = _opt(0, "epochs a trial always trains before it can be pruned")
+    prune_warmup_epochs: int = _opt(
+        0, "epochs (folds, with cross-validation) a trial always trains before it can be pruned"
+    )
     first_trials: list[dict[str, Any]] = _opt(
         [], "parameter sets tried before the sampler draws its own (e.g. your current settings)"
     )
@@ -174,8 +189,10 @@ class SearchConfig:
     def direction(self) -> str:
         return OBJECTIVES[self.objective]
 
-    def train_config(self, params: dict[str, Any], output_dir: str = "") -> TrainConfig:
-        return TrainConfig.from_dict({**self.base, **params, "output_dir": output_dir})
+    def train_config(self, params: dict[str, Any], output_dir: str = "", fold: int = 0) -> TrainConfig:
+        """A trial's settings (or, for cross-validation, those of its fold 1..folds; 0: the whole train part)."""
+        folds = {"cv_folds": self.folds if fold else 0, "cv_fold": fold}
+        return TrainConfig.from_dict({**self.base, **params, "output_dir": output_dir, **folds})
 
     def validate(self, store: Store) -> TrainConfig:
         """Refuse a search that cannot run (BadInput, one line) before anything starts; returns the base config."""
@@ -186,6 +203,14 @@ class SearchConfig:
             (self.prune_startup_trials >= 0, "prune_startup_trials must be >= 0"),
             (self.prune_warmup_epochs >= 0, "prune_warmup_epochs must be >= 0"),
             (len(self.first_trials) <= self.trials, f"more first trials ({len(self.first_trials)}) than trials"),
+            (
+                self.folds == 0 or self.folds >= 2,
+                f"folds must be 0 (the validation part) or at least 2, got {self.folds}",
+            ),
+            (
+                self.folds == 0 or self.objective == "eval_loss",
+                "cross-validation scores trials by eval_loss (bertscore answers the questions of a split part)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -197,12 +222,29 @@ class SearchConfig:
                     raise BadInput(f"first trial sets {name!r}, which is not searched")
                 if not self.space.contains(name, value):
                     raise BadInput(f"first trial's {name}={value} lies outside the search space")
-        base = self.train_config(self.space.fixed())
+        # With cross-validation, a fold's settings: their check also counts the train pairs there are to deal.
+        base = self.train_config(self.space.fixed(), fold=1 if self.folds else 0)
         base.validate(store)
-        if not dataset.select_pairs(store, base.dataset, "test", "accepted"):
-            raise BadInput(f"dataset {base.dataset!r} has no accepted test pairs to score trials on; split it first")
+        if not self.folds and not dataset.select_pairs(
+            store, base.dataset, "validation", "accepted", split_id=base.split_id
+        ):
+            raise BadInput(
+                f"{_no_validation_reason(store, base)}; or cross-validate over the train part instead"
+                " (`train --trials N --folds 5`, or Folds on the search form)"
+            )
         open_storage(storage_url(store, self.storage))
         return base
+
+
+def _no_validation_reason(store: Store, base: TrainConfig) -> str:
+    """Why a search cannot score its trials on base's validation part (one line)."""
+    if base.split_id is not None:
+        split = dataset.split_info(store, base.split_id)
+    else:
+        split = dataset.latest_split(store, base.dataset)
+    if split is not None and not split.validation:
+        return dataset.no_validation_message(split)
+    return f"dataset {base.dataset!r} has no accepted validation pairs to score trials on"
 
 
 # ---- storage -------------------------------------------------------------------------------------
@@ -295,9 +337,22 @@ def start_search(store: Store, config: SearchConfig) -> int:
     An empty storage takes the Settings' Optuna storage, fixed into the job so that a later
     change of Settings does not move a running study.
     """
-    config = replace(config, storage=config.storage.strip() or settings.load(store).optuna_storage)
+    config = replace(
+        config,
+        storage=config.storage.strip() or settings.load(store).optuna_storage,
+        base=_pin_split(store, config.base),
+    )
     config.validate(store)
     return jobs.submit(store, "train-search", config.to_dict())
+
+
+def _pin_split(store: Store, base: dict[str, Any]) -> dict[str, Any]:
+    """The base settings with their split fixed (the latest, unless given): every trial, and the final training,
+    then use the same parts even if a new split is drawn meanwhile."""
+    if base.get("split_id") is not None:
+        return base
+    split = dataset.latest_split(store, base.get("dataset", ""))
+    return {**base, "split_id": split.id} if split else base
 
 
 def run_train_search_job(ctx: JobContext) -> None:
@@ -398,7 +453,7 @@ def _params(config: SearchConfig, trial) -> dict[str, Any]:
 def _describe(trial, config: SearchConfig) -> str:
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     if trial.state.name == "PRUNED":
-        return f"trial {trial.number} pruned after epoch {trial.last_step} ({params})"
+        return f"trial {trial.number} pruned after {'fold' if config.folds else 'epoch'} {trial.last_step} ({params})"
     return f"trial {trial.number} complete: {config.objective} {trial.value:.4f} ({params})"
 
 
@@ -570,27 +625,54 @@ def work(name: str, url: str, index: int = 0, parent: int | None = None) -> int:
 
 
 def objective(trial, config: SearchConfig, store: Store, job_id: int, parent: int | None = None) -> float:
-    """Train one trial's settings; its eval loss after each epoch goes to the pruner.
+    """Train one trial's settings and score it on the validation part (or by cross-validation over the train part).
 
-    The pruner compares intermediate values in the study's direction, so when the objective
-    is F1 (maximised) the reported value is the negated eval loss: higher is better either way.
+    What it was scored on is kept in the trial (`scored_on`): the final training's evaluation run records it.
     """
     import optuna
 
     from core import training
 
     params = config.space.suggest(trial)
-    out = trial.user_attrs.get("output_dir") or str(
-        workspace.artifacts_dir() / f"search-{job_id}" / f"trial-{trial.number}"
+    out = Path(
+        trial.user_attrs.get("output_dir") or workspace.artifacts_dir() / f"search-{job_id}" / f"trial-{trial.number}"
     )
-    trial.set_user_attr("output_dir", out)
-    for step, value in trial.user_attrs.get("reported", {}).items():  # a retry keeps the first attempt's epochs
-        trial.report(value, int(step))
+    trial.set_user_attr("output_dir", str(out))
+    reported = {int(step): value for step, value in trial.user_attrs.get("reported", {}).items()}
+    for step, value in reported.items():  # a retry keeps the first attempt's epochs (folds)
+        trial.report(value, step)
+
+    def stop_with_the_search() -> None:
+        if parent is not None and os.getppid() != parent:
+            raise SystemExit("the search job ended; this worker stops with it")
+
+    started = time.perf_counter()
+    try:
+        if config.folds:
+            return _cross_validate(trial, config, store, params, out, reported, stop_with_the_search)
+        return _train_and_score(trial, config, store, params, out, stop_with_the_search)
+    except optuna.TrialPruned:
+        for folder in [out, *out.glob("fold-*")]:
+            training.discard_checkpoint(folder)  # a pruned trial is never resumed
+        raise
+    finally:
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+
+
+def _train_and_score(trial, config: SearchConfig, store: Store, params: dict, out: Path, stop_with_the_search) -> float:
+    """One training on the train part; its eval loss on the validation part after each epoch goes to the pruner.
+
+    The pruner compares intermediate values in the study's direction, so when the objective
+    is F1 (maximised) the reported value is the negated eval loss: higher is better either way.
+    """
+    import optuna
+
+    from core import evaluation, runs, training
+
     sign = 1.0 if config.direction == "minimize" else -1.0
 
     def on_epoch(epoch: int, eval_loss: float | None) -> None:
-        if parent is not None and os.getppid() != parent:
-            raise SystemExit("the search job ended; this worker stops with it")
+        stop_with_the_search()
         if eval_loss is None:
             return
         trial.set_user_attr("eval_loss_after", eval_loss)
@@ -598,25 +680,68 @@ def objective(trial, config: SearchConfig, store: Store, job_id: int, parent: in
         if trial.should_prune():
             raise optuna.TrialPruned(f"eval loss {eval_loss:.4f} after epoch {epoch} is worse than the median")
 
-    started = time.perf_counter()
-    try:
-        result = training.train(None, config.train_config(params, out), store, on_epoch=on_epoch)
-    except optuna.TrialPruned:
-        training.discard_checkpoint(Path(out))  # a pruned trial is never resumed
-        raise
-    finally:
-        trial.set_user_attr("seconds", time.perf_counter() - started)
+    train_config = config.train_config(params, str(out))
+    result = training.train(None, train_config, store, on_epoch=on_epoch)
     trial.set_user_attr("eval_loss_before", result.eval_loss_before)
     trial.set_user_attr("eval_loss_after", result.eval_loss_after)
     if config.objective == "eval_loss":
-        if result.eval_loss_after is None or not math.isfinite(result.eval_loss_after):
-            raise BadInput(f"trial {trial.number} has no finite eval loss ({result.eval_loss_after})")
-        return result.eval_loss_after
-    from core import evaluation
-
-    run = evaluation.evaluate_training(store, result.output_dir, backend="transformers", limit=config.base.get("limit"))
+        pinned = training.pinned_pairs(store, train_config, out)
+        _scored_on(trial, pinned.split_id, "validation", pinned.validation)
+        return _finite_eval_loss(trial, result.eval_loss_after)
+    run = evaluation.evaluate_training(
+        store, out, backend="transformers", limit=config.base.get("limit"), part="validation"
+    )
     trial.set_user_attr("eval_run_id", run.id)
+    _scored_on(trial, run.split_id, "validation", runs.run_pairs(store, run))
     return evaluation.mean_f1(store, run)
+
+
+def _cross_validate(
+    trial, config: SearchConfig, store: Store, params: dict, out: Path, reported: dict[int, float], stop_with_the_search
+) -> float:
+    """k trainings, each on k-1 folds of the train part and scored by its eval loss on the fold it held out (fold f
+    trains into out/fold-f); the objective is the mean of the k losses.
+
+    The pruner gets the running mean after each fold (step f = folds done), not each epoch's loss: every trial
+    deals the same folds (from the training seed, which is not searched) and trains them in the same order, so
+    at step f all trials are compared on the mean over the same f folds, whatever their number of epochs.
+    A retried trial does not train a finished fold again (train() finds its last checkpoint complete) and does
+    not report its step twice.
+    """
+    import optuna
+
+    from core import training
+
+    losses: list[float] = []
+    held_out: list = []
+    split_id = None
+    for fold in range(1, config.folds + 1):
+        fold_config = config.train_config(params, str(out / f"fold-{fold}"), fold)
+        result = training.train(None, fold_config, store, on_epoch=lambda _epoch, _loss: stop_with_the_search())
+        losses.append(_finite_eval_loss(trial, result.eval_loss_after))
+        pinned = training.pinned_pairs(store, fold_config, out / f"fold-{fold}")
+        held_out += pinned.validation
+        split_id = pinned.split_id
+        mean = statistics.fmean(losses)
+        trial.set_user_attr("fold_eval_losses", losses)
+        if fold not in reported:
+            trial.report(mean, fold)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"mean eval loss {mean:.4f} after fold {fold} is worse than the median")
+    trial.set_user_attr("eval_loss_after", mean)
+    _scored_on(trial, split_id, "cv-train", held_out)
+    return mean
+
+
+def _finite_eval_loss(trial, value: float | None) -> float:
+    if value is None or not math.isfinite(value):
+        raise BadInput(f"trial {trial.number} has no finite eval loss ({value})")
+    return value
+
+
+def _scored_on(trial, split_id: int | None, part: str, pairs: list) -> None:
+    """Which questions the trial was scored on: what its selection, should it be the best, is recorded with."""
+    trial.set_user_attr("scored_on", {"split_id": split_id, "part": part, "pair_ids": sorted(p.id for p in pairs)})
 
 
 # ---- the read side: what the page shows ----------------------------------------------------------------
@@ -668,9 +793,27 @@ def _best_trial(store: Store, job_id: int):
 
 
 def final_config(store: Store, job_id: int) -> TrainConfig:
-    """Base settings + the best trial's: what the final training runs (in its own output folder, not the trial's)."""
+    """Base settings + the best trial's: what the final training runs (in its own output folder, not the trial's, on
+    the whole train part), with how they were chosen for its evaluation run to record."""
     config = _job_config(store, job_id)
-    return config.train_config(best_params(store, job_id))
+    return replace(config.train_config(best_params(store, job_id)), selection=selection(store, job_id))
+
+
+def selection(store: Store, job_id: int) -> dict[str, Any]:
+    """How the search chose its best trial, as a run records it (runs.Run.selection): Compare can then tell
+    whether the questions a run is scored on are among those its settings were chosen on."""
+    config = _job_config(store, job_id)
+    best = _best_trial(store, job_id)
+    candidates = len(_finished(load_study(store, job_id)))
+    # A search from before validation parts scored its trials on the test part, and did not record which pairs.
+    scored = best.user_attrs.get("scored_on", {"split_id": None, "part": "test", "pair_ids": []})
+    where = {
+        "validation": "the validation part",
+        "cv-train": f"{config.folds}-fold cross-validation over the train part",
+        "test": "the test part",
+    }[scored["part"]]
+    how = f"best of {candidates} trials of hyperparameter search job {job_id}, by {OBJECTIVE_NAMES[config.objective]}"
+    return {"how": f"{how} on {where}", "candidates": candidates, **scored}
 
 
 def param_importances(store: Store, job_id: int) -> dict[str, float]:

@@ -2,13 +2,16 @@
 
 A pair becomes text through core.prompting (the same prompt the evaluation asks), the loss
 covers the answer tokens only, and logits are computed only where there is a label: with
-Gemma 3's 262k-token vocabulary, full-sequence logits would dominate memory. Progress and
-per-step metrics go to the store; a checkpoint each epoch (and on cancel) lets a job resume
-where it stopped. The adapter is saved in the standard PEFT format. The `train` job runs
-this loop, then core.export (GGUF adapter, merged GGUF + Modelfile), then core.evaluation.
+Gemma 3's 262k-token vocabulary, full-sequence logits would dominate memory. The eval loss
+(before training and after each epoch) is taken on the split's validation pairs, or on the
+held-out fold of a cross-validation. Progress and per-step metrics go to the store; a checkpoint
+each epoch (and on cancel) lets a job resume where it stopped. The adapter is saved in the
+standard PEFT format. The `train` job runs this loop, then core.export (GGUF adapter, merged
+GGUF + Modelfile), then core.evaluation on the split's test part.
 
 The loop never merges, quantizes for export or converts to GGUF (that is export's job), never
-searches hyperparameters (train_search's), and never touches the base model's weights.
+searches hyperparameters (train_search's), never reads a test pair, and never touches the base
+model's weights.
 """
 
 from __future__ import annotations
@@ -75,39 +78,91 @@ def build_examples(tokenizer, pairs: list[dataset.StoredPair], template: str, ma
 EXAMPLES_FILE = "examples.json"  # in a run's folder: the pairs it trains and evaluates on, pinned at its start
 
 
-def pinned_pairs(store: Store, config: TrainConfig, out: Path) -> dict[str, list[dataset.StoredPair]]:
-    """The train and test pairs (ids and texts) of the run in `out`: chosen from the latest split at its start and
+@dataclass(frozen=True)
+class PinnedPairs:
+    """What a run trains on and takes its eval loss on, and the split they come from (see pinned_pairs)."""
+
+    train: list[dataset.StoredPair]
+    validation: list[dataset.StoredPair]  # for a fold of a cross-validation: its held-out fold
+    split_id: int | None
+
+
+def pinned_pairs(store: Store, config: TrainConfig, out: Path) -> PinnedPairs:
+    """The train and validation pairs (ids and texts) of the run in `out`: chosen from its split at its start and
     kept in its folder, so that a resumed run trains on exactly them.
 
     Read from the dataset again, a new split, newly accepted pairs or an edit would change what a resumed
     run skips, repeats and trains on. A checkpoint without pinned pairs (written before they were pinned)
-    is refused: which pairs it was trained on is not known.
+    is refused: which pairs it was trained on is not known. The test part is never pinned nor read here:
+    only the evaluation after training answers it.
     """
     path = out / EXAMPLES_FILE
-    selection = {"dataset": config.dataset, "part": config.part, "limit": config.limit}
+    selection: dict[str, Any] = {"dataset": config.dataset, "part": config.part, "limit": config.limit}
+    if config.split_id is not None:  # added only when set, so that folders pinned before it still match
+        selection["split_id"] = config.split_id
+    if config.cv_folds:
+        selection |= {"cv_folds": config.cv_folds, "cv_fold": config.cv_fold, "seed": config.seed}
     if path.exists():
         pinned = json.loads(path.read_text())
         if pinned["selection"] != selection:
             raise BadInput(f"{out} holds a run on other pairs ({pinned['selection']}); choose another output folder")
-        return {part: [dataset.StoredPair(**pair) for pair in pinned[part]] for part in ("train", "test")}
+        # A run pinned before splits had validation parts took its eval loss on test pairs: those are not read
+        # any more, so it resumes without an eval loss.
+        return PinnedPairs(
+            [dataset.StoredPair(**pair) for pair in pinned["train"]],
+            [dataset.StoredPair(**pair) for pair in pinned.get("validation", [])],
+            pinned["split_id"],
+        )
     if checkpoint_folder(out) is not None:
         raise BadInput(
             f"{out} holds a checkpoint that does not record the pairs it was trained on; train into another folder"
         )
-    split = dataset.latest_split(store, config.dataset)
+    if config.split_id is not None:
+        split = dataset.split_info(store, config.split_id)
+    else:
+        split = dataset.latest_split(store, config.dataset)
     split_id = split.id if split else None
-    pairs = {
-        name: dataset.select_pairs(store, config.dataset, part, "accepted", split_id=split_id)[: config.limit]
-        for name, part in (("train", config.part), ("test", "test"))
-    }
+    train_pairs = dataset.select_pairs(store, config.dataset, config.part, "accepted", split_id=split_id)
+    train_pairs = train_pairs[: config.limit]
+    if config.cv_folds:
+        held_out = cv_folds(train_pairs, config.cv_folds, config.seed)[config.cv_fold - 1]
+        held_ids = {pair.id for pair in held_out}
+        train_pairs = [pair for pair in train_pairs if pair.id not in held_ids]
+    elif split is not None:
+        held_out = dataset.select_pairs(store, config.dataset, "validation", "accepted", split_id=split_id)
+        held_out = held_out[: config.limit]
+    else:
+        held_out = []
     record = {
         "selection": selection,
         "split_id": split_id,
         "split_version": split.version if split else None,
-        **{part: [asdict(pair) for pair in chosen] for part, chosen in pairs.items()},
+        "train": [asdict(pair) for pair in train_pairs],
+        "validation": [asdict(pair) for pair in held_out],
     }
     _write_synced(path, lambda file: file.write(json.dumps(record, indent=1).encode()))
-    return pairs
+    return PinnedPairs(train_pairs, held_out, split_id)
+
+
+def cv_folds(pairs: list[dataset.StoredPair], folds: int, seed: int) -> list[list[dataset.StoredPair]]:
+    """The pairs dealt into `folds` folds, stratified by field, the same for the same pairs, folds and seed.
+
+    Each field's pairs, shuffled, are dealt round-robin, going on where the previous field stopped: the folds
+    differ in size by one at most and every field is spread over them, as make_split does for its parts.
+    """
+    rng = random.Random(f"cv-{seed}")
+    by_field: dict[str, list[dataset.StoredPair]] = {}
+    for pair in pairs:
+        by_field.setdefault(pair.field, []).append(pair)
+    dealt: list[list[dataset.StoredPair]] = [[] for _ in range(folds)]
+    position = 0
+    for name in sorted(by_field):
+        members = list(by_field[name])
+        rng.shuffle(members)
+        for pair in members:
+            dealt[position % folds].append(pair)
+            position += 1
+    return [sorted(fold, key=lambda pair: pair.id) for fold in dealt]
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -470,7 +525,8 @@ def _load_checkpoint(model, optimizer, scheduler, directory: Path, config: Train
     state = torch.load(directory / STATE_FILE, weights_only=True)  # plain tensors and numbers: no pickled code
     optimizer_state, scheduler_state = state.pop("optimizer"), state.pop("scheduler")
     rng = {key: state.pop(key) for key in ("rng", "cuda_rng") if key in state}
-    if _resume_key(state["config"]) != _resume_key(config.to_dict()):
+    # Read through TrainConfig: a checkpoint from before a setting existed has it at its default.
+    if _resume_key(TrainConfig.from_dict(state["config"]).to_dict()) != _resume_key(config.to_dict()):
         raise BadInput(f"{directory} holds a checkpoint of different settings; choose another output folder")
     peft.set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
     optimizer.load_state_dict(optimizer_state)
@@ -481,11 +537,11 @@ def _load_checkpoint(model, optimizer, scheduler, directory: Path, config: Train
 
 def _resume_key(settings: dict) -> dict:
     """The settings a checkpoint must match to be resumed: what shapes training, not where it is written
-    (a distributed run fills output_dir in) or what happens after it."""
+    (a distributed run fills output_dir in), what happens after it or how its settings were chosen."""
     return {
         k: v
         for k, v in settings.items()
-        if k not in ("output_dir", "evaluate_with", "eval_baseline_run", "export_merged")
+        if k not in ("output_dir", "evaluate_with", "eval_baseline_run", "export_merged", "selection")
     }
 
 
@@ -531,8 +587,8 @@ def train(
 
     model, tokenizer = load_model(config, path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_examples = build_examples(tokenizer, pairs["train"], config.prompt_template, config.max_seq_len)
-    test_examples = build_examples(tokenizer, pairs["test"], config.prompt_template, config.max_seq_len)
+    train_examples = build_examples(tokenizer, pairs.train, config.prompt_template, config.max_seq_len)
+    validation_examples = build_examples(tokenizer, pairs.validation, config.prompt_template, config.max_seq_len)
     if not train_examples:
         raise BadInput(f"every prompt fills max_seq_len={config.max_seq_len}; no answer tokens are left to train on")
 
@@ -556,10 +612,15 @@ def train(
         _forget_metrics_after(ctx, store, state["step"])
         _log(ctx, f"resuming at epoch {state['epoch'] + 1}, step {state['step']} of {total_steps}")
     else:
-        state["eval_before"] = eval_loss(model, test_examples, config.batch_size, pad_id)
+        state["eval_before"] = eval_loss(model, validation_examples, config.batch_size, pad_id)
         if state["eval_before"] is not None:
             _record(ctx, store, 0, 0, {"eval_loss": state["eval_before"]})
-        _log(ctx, f"eval loss before training: {state['eval_before']}")
+            _log(ctx, f"eval loss (validation pairs) before training: {state['eval_before']}")
+    if not validation_examples:  # training goes on: a loss curve without an eval loss is still worth having
+        why = _no_eval_loss_reason(store, config, pairs)
+        _log(ctx, f"no eval loss: {why}")
+        if ctx is not None:
+            ctx.progress(state["step"], total_steps, eval_note=why)  # the Training page shows it instead
     eval_after = state.get("eval_after")
 
     def save() -> None:
@@ -613,10 +674,10 @@ def train(
                     if time.monotonic() - saved_at > CHECKPOINT_SECONDS and state["batch"] < len(batches):
                         save()
                         saved_at = time.monotonic()
-                eval_after = eval_loss(model, test_examples, config.batch_size, pad_id)
+                eval_after = eval_loss(model, validation_examples, config.batch_size, pad_id)
                 if eval_after is not None:
                     _record(ctx, store, state["step"], epoch + 1, {"eval_loss": eval_after})
-                _log(ctx, f"epoch {epoch + 1}: eval loss {eval_after}")
+                    _log(ctx, f"epoch {epoch + 1}: eval loss {eval_after}")
                 state["epoch"], state["batch"] = epoch + 1, 0
                 if on_epoch:
                     on_epoch(epoch + 1, eval_after)
@@ -643,8 +704,22 @@ def train(
     )
     if rank == 0:
         (out / "metrics.json").write_text(json.dumps({**asdict(result), "train_losses": state["losses"]}, indent=2))
-        (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "resolved_model": path}, indent=2))
+        # As resolved: the split the run was pinned to (its evaluation answers that split's test part), the model.
+        resolved = {**config.to_dict(), "split_id": pairs.split_id, "resolved_model": path}
+        (out / "train_config.json").write_text(json.dumps(resolved, indent=2))
     return result
+
+
+def _no_eval_loss_reason(store: Store, config: TrainConfig, pairs: PinnedPairs) -> str:
+    """Why a run takes no eval loss, in one line (its log, the Training page)."""
+    if pairs.validation:
+        return f"every validation prompt fills max_seq_len={config.max_seq_len}"
+    if pairs.split_id is None:
+        return f"dataset {config.dataset!r} has no split, so no validation part"
+    split = dataset.split_info(store, pairs.split_id)
+    if not split.validation:
+        return dataset.no_validation_message(split)
+    return f"the validation part of split v{split.version} of {config.dataset!r} has no accepted pairs"
 
 
 def _check_stop(ctx: JobContext | None, world: int, terminated: threading.Event) -> None:
@@ -822,7 +897,9 @@ def run_train_job(ctx: JobContext) -> None:
     """The `train` job kind: train, export (PEFT, GGUF adapter, merged GGUF), then evaluate the adapter.
 
     params are a TrainConfig as a dict; output defaults to artifacts/train-JOB. Each stage
-    skips what an earlier attempt finished, so a resumed job picks up where it stopped.
+    skips what an earlier attempt finished, so a resumed job picks up where it stopped. The
+    evaluation answers the test part of the split the run trained on, the only place a
+    training job reads it; a run started from a search records how the search chose it.
     """
     from core import evaluation, export
 
@@ -848,7 +925,7 @@ def run_train_job(ctx: JobContext) -> None:
         ctx.progress(result.steps, result.steps, f"done: {summary}", stage="done")
         return
     run_id = ctx.figures().get("eval_run_id") or _unrecorded_eval_run(ctx, result.output_dir, config.evaluate_with)
-    if run_id is None:
+    if run_id is None:  # the test part of the split the run was pinned to (see evaluation.EvalConfig.split_id)
         run = evaluation.create_eval_run(
             ctx.store,
             evaluation.EvalConfig(
@@ -857,6 +934,7 @@ def run_train_job(ctx: JobContext) -> None:
                 baseline_run=config.eval_baseline_run,
                 limit=config.limit,
             ),
+            selection=config.selection,
         )
     else:
         run = runs.get_run(ctx.store, run_id)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import compare, ratings, runs
+from core import compare, ratings, runs, sweep
 from core.errors import WorkbenchError
 from workbench import figures, ui
 
@@ -57,10 +57,23 @@ with st.container(border=True):
     if st.button(
         "Baseline vs best decoding vs fine-tuned",
         icon=":material/auto_awesome:",
-        help="The most recent default-parameter run, the best decoding run and the latest fine-tuned run",
+        help="The most recent default-parameter run, the best decoding configuration (chosen on validation, its"
+        " run on test) and the latest fine-tuned run, on the test part where such runs exist",
     ):
-        preset = [i for i in compare.preset_runs(store).values() if i is not None]
-        st.session_state["compare_runs"] = [i for i in dict.fromkeys(preset) if i in candidates]
+        preset = compare.preset_runs(store)
+        st.session_state["compare_runs"] = [i for i in preset.run_ids if i in candidates]
+        st.session_state["preset_note"] = (preset.note, preset.to_confirm)
+    note, to_confirm = st.session_state.get("preset_note", ("", None))
+    if note:
+        st.info(ui.plain(note), icon=":material/info:")
+    confirm = to_confirm is not None and st.button("Confirm the best on test", icon=":material/verified:")
+    if confirm and (made := ui.attempt(lambda: sweep.confirm_best(store, to_confirm))):
+        st.session_state["preset_note"] = (
+            f"sweep {to_confirm}'s best runs on test as run {made[0]} (job {made[1]}): press the preset again"
+            " once it is scored",
+            None,
+        )
+        st.rerun()
     if "compare_runs" not in st.session_state:  # first visit: the runs in the URL, else the two newest
         from_url = [int(i) for i in st.query_params.get("runs", "").split(",") if i.isdigit()]
         st.session_state["compare_runs"] = [i for i in from_url if i in candidates] or candidates[:2]
@@ -81,6 +94,9 @@ if len(chosen) > 1:
     except WorkbenchError as exc:
         comparable = False
         st.warning(f"These runs are not comparable: {ui.plain(exc)}", icon=":material/block:")
+
+for selection_note in compare.selection_notes(store, chosen):
+    st.warning(ui.plain(selection_note), icon=":material/warning:")
 
 per_question = compare.per_question(store, chosen, metric)
 names = {i: f"run {i}" for i in chosen}

@@ -2,7 +2,8 @@
 
 Every configuration becomes a scored run. Results show a histogram of F1 per configuration
 (same bins and axes), mean F1 with its 95% confidence interval against each parameter, and a
-table sorted by mean F1 with the best configuration marked; selecting a row lists its answers.
+table with the best configuration marked (chosen on the validation questions); selecting a row
+lists its answers. "Confirm the best on test" runs the best once on the test part, to report.
 """
 
 import streamlit as st
@@ -12,7 +13,7 @@ from core.backends import USER_BACKENDS
 from core.decoding import DecodingParams, field_help
 from workbench import figures, ui
 
-NUMBER_COLUMNS = ("mean_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l")
+NUMBER_COLUMNS = ("mean_f1", "validation_f1", "test_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l")
 
 st.title("Sweep")
 store = ui.store()
@@ -25,7 +26,9 @@ with st.expander("New sweep", expanded=not sweep.list_sweeps(store, name)):
         c1, c2, c3, c4 = st.columns(4)
         backend = c1.selectbox("Backend", USER_BACKENDS, help=field_help(sweep.SweepConfig, "backend"))
         model = c2.text_input("Model", "", help=field_help(sweep.SweepConfig, "model"))
-        part = c3.selectbox("Questions", ["test", "train", "all"], help=field_help(sweep.SweepConfig, "part"))
+        part = c3.selectbox(
+            "Questions", ["validation", "test", "train", "all"], help=field_help(sweep.SweepConfig, "part")
+        )
         mode = c4.selectbox("Mode", sweep.MODES, help=field_help(sweep.SweepConfig, "mode"))
         st.markdown(
             "**Grid** — comma-separated values per parameter; leave a parameter empty to keep it at the baseline value."
@@ -76,7 +79,8 @@ if not sweeps:
 
 def describe(s: sweep.Sweep) -> str:
     grid = " ".join(f"{k}={','.join(str(v) for v in vs)}" for k, vs in s.config.grid.items())
-    return f"sweep {s.id} · {s.config.backend} · {s.config.mode} · {grid}"
+    what = f"best of sweep {s.config.confirms} on test" if s.config.confirms is not None else s.config.mode
+    return f"sweep {s.id} · {s.config.backend} · {what} · {s.config.part} · {grid}"
 
 
 ids = [s.id for s in sweeps]
@@ -88,12 +92,18 @@ chosen_id = st.selectbox(
     format_func=lambda i: describe(next(s for s in sweeps if s.id == i)),
 )
 chosen = sweep.get_sweep(store, chosen_id)
+if chosen.config.confirms is not None:
+    st.caption(
+        f"This sweep runs the best configuration of sweep {chosen.config.confirms} once on the test part of"
+        " the split that sweep was made on: its score is the one to report."
+    )
 if chosen.job_id:
     ui.job_panel(chosen.job_id, log_lines=4)
-again = st.button("Run this sweep again", icon=":material/replay:", help="A new sweep with the same settings")
-if again and (started := ui.attempt(lambda: sweep.start_sweep(store, chosen.config), "sweep started again")):
-    st.session_state["sweep_id"] = started[0]
-    st.rerun()
+if chosen.config.confirms is None:  # a confirmation is made from its sweep, never started again by itself
+    again = st.button("Run this sweep again", icon=":material/replay:", help="A new sweep with the same settings")
+    if again and (started := ui.attempt(lambda: sweep.start_sweep(store, chosen.config), "sweep started again")):
+        st.session_state["sweep_id"] = started[0]
+        st.rerun()
 
 
 @st.fragment(run_every=5.0)
@@ -121,9 +131,16 @@ def results() -> None:
     for p in varied:
         others = [o for o in varied if o != p]
         st.plotly_chart(figures.mean_with_ci(table, p, others), width="stretch")
+    numbers = [c for c in NUMBER_COLUMNS if c in table]
     # In run order, so a selected row stays the same configuration while scores arrive (click a header to sort).
-    shown = table.sort_values("run")[["best", "run", *varied, "n", *NUMBER_COLUMNS]].reset_index(drop=True)
+    shown = table.sort_values("run")[["best", "run", *varied, "n", *numbers]].reset_index(drop=True)
 
+    if chosen.config.confirms is None:
+        st.caption(ui.plain(sweep.choose(store, chosen.id).describe()))
+    if (made := sweep.confirmation(store, chosen.id)) is not None:  # here, so that it refreshes with the table
+        test = scoring.run_scores(store, made[0], stamp)["f1"].dropna()
+        score = f"mean F1 {test.mean():.4f} on {len(test)} test answers" if len(test) else "not scored yet"
+        st.caption(f"The best on test (run {made[0]}): {score}.")
     st.caption("Select a configuration to read its answers next to the references.")
     selected = ui.pick_row(
         shown,
@@ -131,7 +148,7 @@ def results() -> None:
         {
             "best": st.column_config.CheckboxColumn("best"),
             "run": st.column_config.NumberColumn(format="%d"),
-            **{c: st.column_config.NumberColumn(format="%.4f") for c in NUMBER_COLUMNS},
+            **{c: st.column_config.NumberColumn(format="%.4f") for c in numbers},
         },
     )
     if selected is not None:
@@ -150,3 +167,22 @@ def results() -> None:
 
 
 results()
+
+
+def confirm_on_test() -> None:
+    """The button that runs the best once on test; once pressed, that run's job."""
+    made = sweep.confirmation(store, chosen.id)
+    if made is not None:
+        st.subheader(f"Confirmed on test: run {made[0]}")
+        ui.job_panel(made[1], log_lines=2)
+    elif st.button(
+        "Confirm the best on test",
+        icon=":material/verified:",
+        help="Run the best configuration, chosen on the validation questions, once on the test part of the"
+        " same split: a new scored run, the number to report and to compare",
+    ) and ui.attempt(lambda: sweep.confirm_best(store, chosen.id), "confirmation on test started"):
+        st.rerun()
+
+
+if chosen.config.confirms is None:
+    confirm_on_test()

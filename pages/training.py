@@ -182,13 +182,14 @@ def start_search_form(expanded: bool) -> None:
     with st.expander("New hyperparameter search", expanded=expanded), st.form("search"):
         st.markdown("**Searched** (each trial draws its own values)")
         space = search_ranges()
-        c1, c2, c3, c4 = st.columns(4)
+        c1, c2, c3, c4, c5 = st.columns(5)
         trials = c1.number_input("Trials", 1, 1000, 10, help=field_help(SearchConfig, "trials"))
         workers = c2.number_input("Worker processes", 1, 16, 1, help=field_help(SearchConfig, "workers"))
         objective = c3.selectbox(
             "Score trials by", list(train_search.OBJECTIVES), help=field_help(SearchConfig, "objective")
         )
-        startup = c4.number_input(
+        folds = c4.number_input("Folds (0 = validation part)", 0, 20, 0, help=field_help(SearchConfig, "folds"))
+        startup = c5.number_input(
             "Prune after trials", 0, 100, 2, help=field_help(SearchConfig, "prune_startup_trials")
         )
         st.markdown("**Fixed** (every trial and the final training)")
@@ -200,6 +201,7 @@ def start_search_form(expanded: bool) -> None:
             trials=int(trials),
             workers=int(workers),
             objective=objective,
+            folds=int(folds),
             space=space,
             prune_startup_trials=int(startup),
         )
@@ -244,11 +246,14 @@ def live_run(job_id: int) -> None:
             tiles[4].metric("Tokens/s", f"{latest['tokens_per_s']['value']:,.0f}")
         if "peak_memory_mb" in latest:
             tiles[5].metric("Peak memory", f"{latest['peak_memory_mb']['value'] / 1024:.2f} GB")
+        job_figures = jobs.get(store, job_id).figures
+        if "eval_note" in job_figures:  # instead of an eval curve: why there is none
+            st.info(ui.plain(f"No eval loss: {job_figures['eval_note']}"), icon=":material/info:")
         if metrics.empty:
-            st.caption("The loss curve appears once the model is loaded and the test part evaluated.")
+            st.caption("The loss curve appears once the model is loaded and the validation part evaluated.")
         else:
             st.plotly_chart(figures.loss_curve(metrics), width="stretch", key=f"loss-{job_id}")
-        stage = jobs.get(store, job_id).figures.get("stage")
+        stage = job_figures.get("stage")
         if stage in ("exporting", "evaluating"):
             st.caption(f"Stage: {stage} …")
 
@@ -332,8 +337,10 @@ def show_runs(train_jobs: list[jobs.JobInfo]) -> None:
 
     job_id = pick_job("Training run", train_jobs, "train_job", describe)
     ui.job_panel(job_id, log_lines=8, figures=False)  # the tiles below show them
-    live_run(job_id)
     job = jobs.get(store, job_id)
+    if how := job.params.get("selection", {}).get("how"):
+        st.caption(ui.plain(f"Settings chosen: {how}."))
+    live_run(job_id)
     out = job.figures.get("output_dir")
     if out and (Path(out) / "adapter" / "adapter_config.json").exists():
         evaluation_section(job_id, out, job.figures.get("eval_run_id"))
@@ -353,7 +360,8 @@ def cached_importances(job_id: int, completed: int) -> dict[str, float]:
 def show_searches(search_jobs: list[jobs.JobInfo]) -> None:
     def describe(job: jobs.JobInfo) -> str:
         p = job.params
-        return f"job {job.id} · {job.state} · {p.get('trials')} trials by {p.get('objective')}"
+        folds = f", {p['folds']}-fold cross-validation" if p.get("folds") else ""
+        return f"job {job.id} · {job.state} · {p.get('trials')} trials by {p.get('objective')}{folds}"
 
     job_id = pick_job("Search", search_jobs, "search_job", describe)
     ui.job_panel(job_id, log_lines=8)

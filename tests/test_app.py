@@ -8,9 +8,10 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import dataset, jobs, runs
+from core import dataset, jobs, runs, sweep
 from core.engine_process import engine_log
 from core.store import Store
+from tests.test_sweep import A, B, scored_sweep
 
 PAGES = [
     "../pages/overview.py",
@@ -240,6 +241,31 @@ def test_the_sweep_page_starts_a_sweep_and_shows_its_results(app):
     app.run()
     assert not app.exception
     assert any("mean F1 by temperature" in str(c.proto.spec) for c in app.get("plotly_chart"))
+    assert any("3 validation questions" in c.value for c in app.caption)
+
+    click(app, "Confirm the best on test")
+    with Store() as store:
+        run_id, job_id = sweep.confirmation(store, sweep.list_sweeps(store)[-1].id)
+        assert jobs.wait(store, job_id, timeout=180).state == "done"
+    assert any(h.value == f"Confirmed on test: run {run_id}" for h in app.subheader)
+    app.run()
+    assert any(c.value.startswith(f"The best on test (run {run_id}): mean F1") for c in app.caption)
+
+
+def test_compare_marks_a_run_chosen_on_its_own_questions_and_the_preset_asks_for_its_test_run(app):
+    with Store() as store:
+        sweep_id = scored_sweep(store, [A, B], part="validation", limit=4)
+        best = sweep.sweep_runs(store, sweep_id)[0].id
+    open_page(app, "../pages/compare.py")  # first visit: the two newest runs, the sweep's
+    warnings = [w.value.replace("\\", "") for w in app.warning]
+    assert any(w.startswith(f"run {best}: best of 2 configurations") and "optimistic" in w for w in warnings)
+    click(app, "Baseline vs best decoding vs fine-tuned")
+    assert any("confirm it on test first" in i.value.replace("\\", "") for i in app.info)
+    click(app, "Confirm the best on test")
+    with Store() as store:
+        run_id, job_id = sweep.confirmation(store, sweep_id)
+        assert jobs.wait(store, job_id, timeout=180).state == "done"
+    assert any(f"as run {run_id} (job {job_id})" in i.value.replace("\\", "") for i in app.info)
 
 
 def start_training_with(app: AppTest, **values) -> str:

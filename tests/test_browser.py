@@ -143,7 +143,7 @@ def test_review_in_the_browser_survives_a_reload_then_splits_and_exports(app_ser
 
     page.get_by_role("tab", name="Split & export").click()
     click_button(page, "Draw a new split")
-    page.get_by_text("split v1: 2 train / 1 test").first.wait_for(timeout=30_000)
+    page.get_by_text("split v1: 1 train / 1 validation / 1 test").first.wait_for(timeout=30_000)
     with page.expect_download() as download:
         click_button(page, "Download JSONL (3 pairs)")
     exported = tmp_path / "export.jsonl"

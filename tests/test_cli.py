@@ -56,14 +56,14 @@ def test_split_then_export_each_part(tmp_path):
     result = run_cli("split", "--dataset", "starter", "--test-size", "0.2", "--seed", "3")
     assert result.returncode == 0 and "split v2" in result.stdout  # v1 came with the starter dataset
     sizes = {}
-    for part in ("train", "test"):
+    for part in ("train", "validation", "test"):
         out = tmp_path / f"{part}.jsonl"
         assert (
             run_cli("export", "--dataset", "starter", "--split", part, "--format", "jsonl", "-o", str(out)).returncode
             == 0
         )
         sizes[part] = len(out.read_text().splitlines())
-    assert f"{sizes['train']} train / {sizes['test']} test" in result.stdout
+    assert f"{sizes['train']} train / {sizes['validation']} validation / {sizes['test']} test" in result.stdout
 
 
 def test_bad_flags_exit_2_without_traceback():
@@ -76,6 +76,8 @@ def test_bad_flags_exit_2_without_traceback():
         ["evaluate", "--adapter", "/nowhere"],
         ["import"],
         ["resume", "999"],
+        ["confirm", "999"],
+        ["sweep", "--dataset", "starter", "--grid", "temperature=0", "--split", "everything"],
     ):
         result = run_cli(*args)
         assert result.returncode == 2, args

@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core import compare, dataset, runs
+from core import compare, dataset, jobs, runs, sweep
 from core.decoding import DecodingParams
 from core.errors import BadInput
 from core.formats import PairRow
 from core.scoring import ScorerConfig, scorer_stamp
-from core.store import Store, now
+from core.store import Store
+from tests.test_sweep import A, B, scored_sweep, store_scores
 
 STAMP = scorer_stamp(ScorerConfig())
 
@@ -28,10 +29,7 @@ def make_run(
     params: DecodingParams | None = None,
     **spec,
 ) -> int:
-    """A run over pairs offset.. of `data` whose answers score the given F1s (a tuple: one per repeat).
-
-    Precision, recall and ROUGE-L are set to the F1 too; the answer text names the run, pair and repeat.
-    """
+    """A run over pairs offset.. of `data` whose answers score the given F1s (a tuple: one per repeat)."""
     repeats = max(len(f) if isinstance(f, tuple) else 1 for f in f1s)
     run_id = runs.create_run(
         store,
@@ -47,18 +45,7 @@ def make_run(
         ),
     )
     pairs = runs.run_pairs(store, runs.get_run(store, run_id))[offset:]
-    with store.transaction() as conn:
-        for pair, values in zip(pairs, f1s):
-            for repeat, f1 in enumerate(values if isinstance(values, tuple) else (values,)):
-                generation = conn.execute(
-                    "INSERT INTO generations (run_id, pair_id, repeat, answer, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (run_id, pair.id, repeat, f"run {run_id} pair {pair.id} repeat {repeat}", now()),
-                ).lastrowid
-                conn.execute(
-                    "INSERT INTO scores (generation_id, scorer, precision, recall, f1, f1_rescaled, rouge_l,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
-                    (generation, scorer, f1, f1, f1, f1, now()),
-                )
+    store_scores(store, run_id, {pair.id: values for pair, values in zip(pairs, f1s)}, scorer)
     return run_id
 
 
@@ -204,22 +191,67 @@ def test_config_diff_keeps_only_the_settings_that_differ(store):
     assert list(compare.config_diff(store, [one]).columns) == ["run"]
 
 
-def test_preset_runs_pick_baseline_best_decoding_and_fine_tuned(store):
-    nothing = {"baseline": None, "best_decoding": None, "fine_tuned": None}
-    assert compare.preset_runs(store) == nothing
-    baseline = make_run(store, [0.3, 0.35])
-    best = make_run(store, [0.5, 0.45], params=DecodingParams(temperature=0.0), kind="sweep")
-    make_run(store, [0.4], params=DecodingParams(temperature=1.0), kind="sweep")
-    tuned = make_run(store, [0.8], kind="evaluate", adapter="adapters/run-1")
-    assert compare.preset_runs(store) == {"baseline": baseline, "best_decoding": best, "fine_tuned": tuned}
-    assert compare.preset_runs(store, dataset="none-such") == nothing
+# ---- optimistic comparisons and the preset -----------------------------------------------------
 
 
-def test_without_a_default_run_the_baseline_is_the_first_run_of_the_latest_sweep(store):
-    sweep = store.execute(
-        "INSERT INTO sweeps (dataset_id, config, created_at) VALUES (?, '{}', ?)",
-        (dataset.dataset_id(store, "starter"), now()),
-    ).lastrowid
-    first, second = (make_run(store, [f1], params=DecodingParams(top_k=k)) for f1, k in ((0.4, 1), (0.3, 2)))
-    store.execute("UPDATE runs SET sweep_id = ? WHERE id IN (?, ?)", (sweep, first, second))
-    assert compare.preset_runs(store)["baseline"] == first
+def test_a_best_of_n_compared_on_the_questions_it_was_chosen_on_is_marked_optimistic(starter):
+    honest = scored_sweep(starter, [A, B], part="validation")
+    a, b = (r.id for r in sweep.sweep_runs(starter, honest))
+    leaky = scored_sweep(starter, [A, B], part="test")  # as sweeps chose before: on the test part
+    leaky_best = sweep.sweep_runs(starter, leaky)[1].id
+    assert compare.selection_notes(starter, [a, b]) == [
+        f"run {a}: best of 2 configurations of sweep {honest} by mean F1 on validation, chosen on 11 of the 11"
+        " questions it is scored on: optimistic"
+    ]
+    assert compare.selection_notes(starter, [leaky_best]) == [
+        f"run {leaky_best}: best of 2 configurations of sweep {leaky} by mean F1 on test, chosen on 23 of the 23"
+        " questions it is scored on: optimistic"
+    ]
+
+
+def test_a_chosen_run_is_marked_only_where_it_is_scored_on_questions_it_was_chosen_on(starter):
+    validation = [p.id for p in dataset.select_pairs(starter, "starter", "validation")]
+    selection = {
+        "how": "best of 4 trials by mean F1 on validation",
+        "candidates": 4,
+        "split_id": dataset.latest_split(starter, "starter").id,
+        "part": "validation",
+        "pair_ids": validation,
+    }
+    on_test = make_run(starter, [0.5] * 3, part="test", selection=selection)
+    on_validation = make_run(starter, [0.5] * 3, part="validation", selection=selection)
+    alone = make_run(starter, [0.5] * 3, part="validation", selection={**selection, "candidates": 1})
+    assert compare.selection_notes(starter, [on_test, on_validation, alone]) == [
+        f"run {on_validation}: best of 4 trials by mean F1 on validation, chosen on 3 of the 3 questions it is"
+        " scored on: optimistic"
+    ]
+
+
+def test_the_preset_chooses_on_validation_then_compares_that_configurations_test_run(starter):
+    nothing = compare.preset_runs(starter)
+    assert nothing.run_ids == [] and "no sweep has validation scores" in nothing.note
+    honest = scored_sweep(starter, [A, B], part="validation", limit=4)
+    scored_sweep(starter, [B, A], part="test", limit=4)  # newer, but chosen on test: never the preset's pick
+    chosen = sweep.sweep_runs(starter, honest)[0]  # A, the best on validation
+
+    waiting = compare.preset_runs(starter)
+    assert waiting.best_decoding is None and waiting.to_confirm == honest
+    assert f"sweep {honest}'s best (run {chosen.id}) is chosen on validation: confirm it on test first" == waiting.note
+
+    run_id, job_id = sweep.confirm_best(starter, honest)
+    assert jobs.wait(starter, job_id, timeout=180).state == "done"
+    baseline = make_run(starter, [0.3] * 4, part="test")  # default decoding, on the test part of the same split
+    make_run(starter, [0.3] * 4, part="validation")  # newer, but not comparable with a test run
+    tuned = make_run(starter, [0.8] * 4, part="test", kind="evaluate", adapter="adapters/run-1")
+    preset = compare.preset_runs(starter)
+    assert (preset.baseline, preset.best_decoding, preset.fine_tuned, preset.note) == (baseline, run_id, tuned, "")
+    assert runs.get_run(starter, run_id).params == chosen.params
+    compare.check_comparable(starter, preset.run_ids)
+    assert compare.selection_notes(starter, preset.run_ids) == []  # the test run was not chosen on test
+    assert compare.selection_notes(starter, [chosen.id])  # the same configuration on the questions it won on
+    assert compare.preset_runs(starter, dataset="none-such").run_ids == []
+
+
+def test_without_a_default_run_the_baseline_is_the_first_run_of_the_latest_sweep(starter):
+    sweep_id = scored_sweep(starter, [A, B], baseline=DecodingParams(top_k=1))  # no run at the defaults
+    assert compare.preset_runs(starter).baseline == sweep.sweep_runs(starter, sweep_id)[0].id

@@ -4,10 +4,11 @@ and is refused (exit 2, nothing written) for runs that cannot be compared."""
 from __future__ import annotations
 
 import re
+from html import escape
 
 import pytest
 
-from core import runs, scoring
+from core import dataset, runs, scoring
 from core.store import now
 from tests.conftest import run_cli
 from workbench import figures
@@ -15,9 +16,13 @@ from workbench import figures
 SCRIPT_ANSWER = '<script>alert("pwned")</script> and <b>bold</b>'
 
 
-def _scored_run(store, label: str, f1s: list[float], stamp: str, answers: dict[int, str] | None = None) -> int:
+def _scored_run(
+    store, label: str, f1s: list[float], stamp: str, answers: dict[int, str] | None = None, **spec_fields
+) -> int:
     """A run of the echo backend over the first len(f1s) starter questions, with the given scores stored."""
-    spec = runs.RunSpec(dataset="starter", backend="echo", part="all", limit=len(f1s), label=label, scorer=stamp)
+    spec = runs.RunSpec(
+        dataset="starter", backend="echo", part="all", limit=len(f1s), label=label, scorer=stamp, **spec_fields
+    )
     run_id = runs.create_run(store, spec)
     pairs = runs.run_pairs(store, runs.get_run(store, run_id))
     with store.transaction() as conn:
@@ -82,6 +87,21 @@ def test_report_escapes_model_text_and_exports_csv(two_runs, tmp_path):
     assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in html
     assert "<script>alert" not in html and "<b>bold</b>" not in html
     assert sorted(p.name for p in folder.iterdir()) == ["per_question.csv", "summary.csv"]
+
+
+def test_a_run_chosen_on_the_questions_it_is_compared_on_is_marked_in_the_report_and_the_cli(store, tmp_path):
+    stamp = scoring.scorer_stamp(scoring.ScorerConfig())
+    asked = [p.id for p in dataset.select_pairs(store, "starter")][:5]
+    selection = {"how": "best of 3 <b>prompts</b>", "candidates": 3, "split_id": None, "part": "all", "pair_ids": asked}
+    base = _scored_run(store, "base", [0.4] * 5, stamp)
+    chosen = _scored_run(store, "chosen", [0.6] * 5, stamp, selection=selection)
+    out = tmp_path / "report.html"
+    result = run_cli("compare", str(base), str(chosen), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    note = f"run {chosen}: best of 3 <b>prompts</b>, chosen on 5 of the 5 questions it is scored on: optimistic"
+    assert result.stderr.strip().splitlines() == [f"warning: {note}"]
+    html = out.read_text(encoding="utf-8")
+    assert f'<p class="note">{escape(note)}</p>' in html and "<b>prompts" not in html
 
 
 @pytest.mark.parametrize("case", ["incomparable", "unknown run", "one run"])

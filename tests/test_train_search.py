@@ -6,6 +6,7 @@ Optuna's TPE sampler and median pruner, the SQLite file shared by all of them.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import statistics
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from core import jobs, settings, workspace
+from core import dataset, jobs, settings, training, workspace
 from core.errors import BadInput, NotFound
 from core.store import MIGRATIONS, Store
 from core.train_search import (
@@ -24,6 +25,7 @@ from core.train_search import (
     history,
     intermediate_values,
     load_study,
+    objective,
     param_importances,
     start_search,
     study_name,
@@ -49,6 +51,19 @@ def _config(tiny_llama, base: dict | None = None, **overrides) -> SearchConfig:
         "prune_startup_trials": 1,
     }
     return SearchConfig(**{**values, **overrides})
+
+
+def _ids(pairs) -> list[int]:
+    return [p.id if isinstance(p, dataset.StoredPair) else p["id"] for p in pairs]
+
+
+def _part_ids(store, part: str, limit: int | None = None) -> list[int]:
+    return _ids(dataset.select_pairs(store, "starter", part)[:limit])
+
+
+def _pinned(folder: str | Path) -> dict:
+    """The pairs a training folder trained and took its eval loss on (training.pinned_pairs' record)."""
+    return json.loads((Path(folder) / training.EXAMPLES_FILE).read_text())
 
 
 def _wait(store, job_id: int, timeout: float) -> jobs.JobInfo:
@@ -96,6 +111,20 @@ def test_three_trials_on_two_workers_share_one_sqlite_study_and_a_weak_trial_is_
     steps = intermediate_values(starter, job_id)
     assert set(steps.groupby("number")["epoch"].max()) <= {1, 2, 3} and len(steps) >= 3  # an eval loss per epoch
 
+    # every trial took its eval loss on the validation part of the split the search fixed, never on a test pair
+    split = dataset.latest_split(starter, "starter")
+    assert job.params["base"]["split_id"] == split.id
+    for trial in study.trials:
+        pinned = _pinned(trial.user_attrs["output_dir"])
+        assert pinned["split_id"] == split.id and _ids(pinned["validation"]) == _part_ids(starter, "validation", 8)
+        assert not set(_part_ids(starter, "test")) & set(_ids(pinned["train"] + pinned["validation"]))
+        if trial.state.name == "COMPLETE":
+            assert trial.user_attrs["scored_on"] == {
+                "split_id": split.id,
+                "part": "validation",
+                "pair_ids": _part_ids(starter, "validation", 8),
+            }
+
     weak = study.trials[2]
     assert weak.state.name == "PRUNED" and weak.last_step == 1
     completed_at_1 = [t.intermediate_values[1] for t in study.trials if t.state.name == "COMPLETE"]
@@ -104,7 +133,14 @@ def test_three_trials_on_two_workers_share_one_sqlite_study_and_a_weak_trial_is_
     best = best_params(starter, job_id)
     assert best["learning_rate"] == GOOD and best["lora_alpha"] == 16.0
     final = final_config(starter, job_id)
-    assert isinstance(final, TrainConfig) and final.output_dir == ""
+    assert isinstance(final, TrainConfig) and final.output_dir == "" and final.split_id == split.id
+    assert final.selection == {
+        "how": f"best of 3 trials of hyperparameter search job {job_id}, by eval loss on the validation part",
+        "candidates": 3,
+        "split_id": split.id,
+        "part": "validation",
+        "pair_ids": _part_ids(starter, "validation", 8),
+    }
     assert (final.learning_rate, final.lora_r, final.epochs) == (best["learning_rate"], best["lora_r"], best["epochs"])
     assert (final.dataset, final.limit, final.target_modules) == ("starter", 8, ALL_LINEAR)
 
@@ -237,6 +273,13 @@ def test_a_search_can_score_trials_by_the_bertscore_of_their_answers(starter, ti
     run = runs.get_run(starter, trial.user_attrs["eval_run_id"])
     assert run.kind == "finetuned" and run.backend == "transformers"
     assert run.adapter.startswith(trial.user_attrs["output_dir"])
+    # its answers are to the validation questions of the search's split; no test pair was read on the way
+    split = dataset.latest_split(starter, "starter")
+    assert (run.part, run.split_id) == ("validation", split.id)
+    answered = _ids(runs.run_pairs(starter, run))
+    assert answered == _part_ids(starter, "validation", 4) == trial.user_attrs["scored_on"]["pair_ids"]
+    pinned = _pinned(trial.user_attrs["output_dir"])
+    assert not set(_part_ids(starter, "test")) & set(answered + _ids(pinned["train"] + pinned["validation"]))
     assert trial.value == pytest.approx(evaluation.mean_f1(starter, run)) and 0 < trial.value <= 1
     # the pruner sees the eval loss negated: higher is better, as for F1
     assert trial.intermediate_values[1] == pytest.approx(-trial.user_attrs["eval_loss_after"])
@@ -273,3 +316,143 @@ def test_the_cli_searches_then_trains_with_the_best_trial_and_can_train_from_a_s
     refused = run_cli(*common, "--trials", "2", "--space", "learning_rate=1e-2,1e-3")
     assert refused.returncode == 2 and "learning rate range is empty" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+# ---- where trials are scored: the validation part, or folds of the train part; never the test part ----------
+
+
+def test_a_search_on_a_split_without_a_validation_part_is_refused_and_told_both_ways_out(starter, tiny_llama):
+    split = dataset.make_split(starter, "starter", validation_size=0)
+    with pytest.raises(BadInput) as refused:
+        start_search(starter, _config(tiny_llama))
+    message = str(refused.value)
+    assert message.startswith(dataset.no_validation_message(split)) and "--folds" in message
+    assert "\n" not in message
+    _config(tiny_llama, folds=2).validate(starter)  # cross-validation over the train part needs none
+    cases = [
+        ({"folds": 1}, "folds must be 0"),
+        ({"folds": 2, "objective": "bertscore"}, "cross-validation scores trials by eval_loss"),
+        ({"folds": 9}, "9 folds need at least 9 train pairs, got 8"),
+    ]
+    for overrides, reason in cases:
+        with pytest.raises(BadInput, match=reason):
+            start_search(starter, _config(tiny_llama, **overrides))
+    assert starter.one("SELECT COUNT(*) FROM jobs")[0] == 0  # nothing was started
+
+
+def test_a_cross_validated_search_trains_each_trial_on_every_fold_and_its_final_training_is_tested_once(
+    starter, tiny_llama
+):
+    from core import evaluation, runs
+    from core.jobs import JobContext
+
+    config = _config(
+        tiny_llama,
+        base=_base(tiny_llama, limit=6),
+        trials=2,
+        workers=1,
+        folds=3,
+        space=SearchSpace(learning_rate=(GOOD, GOOD), lora_r=(4, 8), lora_alpha=(16,), epochs=(1, 1)),
+        first_trials=[{"lora_r": 4}, {"lora_r": 8}],
+        prune_startup_trials=2,  # both trials complete: each is checked fold by fold
+    )
+    job_id = start_search(starter, config)
+    _wait(starter, job_id, timeout=300)
+    split = dataset.latest_split(starter, "starter")
+    train_ids = _part_ids(starter, "train", 6)
+    never = set(_part_ids(starter, "test")) | set(_part_ids(starter, "validation"))
+
+    study = load_study(starter, job_id)
+    for trial in study.trials:
+        assert trial.state.name == "COMPLETE"
+        folds = [_pinned(Path(trial.user_attrs["output_dir"]) / f"fold-{fold}") for fold in (1, 2, 3)]
+        held_out = [_ids(fold["validation"]) for fold in folds]
+        assert sorted(sum(held_out, [])) == train_ids  # the held-out folds partition the train pairs
+        for fold, ids in zip(folds, held_out, strict=True):
+            assert sorted(_ids(fold["train"]) + ids) == train_ids and fold["split_id"] == split.id
+            assert not never & set(_ids(fold["train"]) + ids)  # only the train part is read
+        losses = trial.user_attrs["fold_eval_losses"]
+        assert len(losses) == 3 and trial.value == pytest.approx(statistics.fmean(losses))
+        # what the pruner saw: the mean over the folds done so far, one step per fold
+        assert trial.intermediate_values == pytest.approx({f: statistics.fmean(losses[:f]) for f in (1, 2, 3)})
+        assert trial.user_attrs["scored_on"] == {"split_id": split.id, "part": "cv-train", "pair_ids": train_ids}
+
+    # The final training, on the whole train part of the search's split, even after a new split was drawn;
+    # its evaluation, on that split's test part, records how its settings were chosen.
+    dataset.make_split(starter, "starter", seed=7)
+    final = final_config(starter, job_id)
+    assert (final.cv_folds, final.split_id) == (0, split.id)
+    assert final.selection == {
+        "how": f"best of 2 trials of hyperparameter search job {job_id}, by eval loss on 3-fold cross-validation"
+        " over the train part",
+        "candidates": 2,
+        "split_id": split.id,
+        "part": "cv-train",
+        "pair_ids": train_ids,
+    }
+    final = TrainConfig.from_dict({**final.to_dict(), "evaluate_with": "transformers", "export_merged": False})
+    train_job = jobs.submit(starter, "train", final.to_dict(), start=False)
+    training.run_train_job(JobContext(starter, train_job, final.to_dict()))
+    run = runs.get_run(starter, jobs.get(starter, train_job).figures["eval_run_id"])
+    assert (run.kind, run.part, run.split_id, run.selection) == (evaluation.RUN_KIND, "test", split.id, final.selection)
+    tested = _ids(runs.run_pairs(starter, run))
+    assert tested == _ids(dataset.select_pairs(starter, "starter", "test", split_id=split.id)[:6])
+    assert not set(tested) & set(run.selection["pair_ids"])  # chosen on other questions than it is scored on
+
+
+class Killed(BaseException):
+    """The worker dies here (no `except Exception` of the code under test sees it)."""
+
+
+def test_a_retried_cross_validation_trial_trains_no_finished_fold_again_and_ends_where_it_would_have(
+    starter, tiny_llama, monkeypatch
+):
+    import optuna
+
+    config = _config(
+        tiny_llama,
+        base=_base(tiny_llama, limit=4, learning_rate=GOOD),
+        folds=2,
+        space=SearchSpace(
+            learning_rate=(GOOD, GOOD), lora_r=(4,), lora_alpha=(16,), lora_dropout=(0, 0), epochs=(2, 2)
+        ),
+    )
+    steps: list[tuple[int, int]] = []  # (fold, step) of every optimizer step taken
+    real_train = training.train
+
+    def train(ctx, fold_config, store, on_step=None, on_epoch=None):
+        def step(metrics):
+            steps.append((fold_config.cv_fold, metrics["step"]))
+            if kill_at == steps[-1]:
+                raise Killed()
+
+        return real_train(ctx, fold_config, store, on_step=step, on_epoch=on_epoch)
+
+    monkeypatch.setattr(training, "train", train)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize")
+
+    kill_at = None
+    reference = objective(study.ask(), config, starter, job_id=1)  # uninterrupted, in its own folder
+    assert steps == [(1, 1), (1, 2), (2, 1), (2, 2)]  # 2 pairs per fold, batch 2: one step per epoch
+
+    steps.clear()
+    kill_at = (2, 2)  # in fold 2's second epoch, after its first epoch's checkpoint
+    first = study.ask()
+    with pytest.raises(Killed):
+        objective(first, config, starter, job_id=2)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    reported = study.trials[-1].intermediate_values
+    assert list(reported) == [1]  # fold 1 was done and reported
+
+    steps.clear()
+    kill_at = None
+    attrs = {"retry_of": first.number, "output_dir": first.user_attrs["output_dir"]}
+    attrs["reported"] = {str(step): value for step, value in reported.items()}
+    study.enqueue_trial(first.params, user_attrs=attrs)  # as the search job queues a retry
+    retry = study.ask()
+    value = objective(retry, config, starter, job_id=2)
+    assert steps == [(2, 2)]  # fold 1 is not trained again, fold 2 resumes after its checkpoint
+    assert value == pytest.approx(reference, rel=1e-5)
+    study.tell(retry, value)
+    assert study.trials[-1].intermediate_values == pytest.approx({1: reported[1], 2: value})

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from core import dataset, training
+from core import dataset, jobs, training
 from core.errors import BadInput
 from core.jobs import JobCancelled, JobContext
 from core.prompting import DEFAULT_TEMPLATE, render_prompt
@@ -309,3 +310,103 @@ def test_resume_continues_from_the_checkpoint(starter, tiny_llama, tmp_path):
     assert result.eval_loss_before is not None and result.train_loss_first == checkpoint["losses"][0]
     recorded = starter.query("SELECT step FROM training_metrics WHERE job_id = ? AND name = 'train_loss'", (job_id,))
     assert [r["step"] for r in recorded] == [1, 2, 3, 4]
+
+
+# ---- what the eval loss is taken on ------------------------------------------------------------
+
+
+def _ids(pairs) -> list[int]:
+    return [p.id if isinstance(p, dataset.StoredPair) else p["id"] for p in pairs]
+
+
+def test_the_eval_loss_is_taken_on_the_validation_pairs_of_the_split_and_no_test_pair_is_read(
+    starter, tiny_llama, tmp_path, monkeypatch
+):
+    seen: list[list[dict]] = []
+    real_eval_loss = training.eval_loss
+
+    def eval_loss(model, examples, *args):
+        seen.append(examples)
+        return real_eval_loss(model, examples, *args)
+
+    monkeypatch.setattr(training, "eval_loss", eval_loss)
+    config = _config(tiny_llama, tmp_path, limit=4)
+    result = train(None, config, starter)
+
+    split = dataset.latest_split(starter, "starter")
+    pinned = json.loads((tmp_path / "out" / training.EXAMPLES_FILE).read_text())
+    assert pinned["split_id"] == split.id and set(pinned) >= {"train", "validation"} and "test" not in pinned
+    assert _ids(pinned["train"]) == _ids(dataset.select_pairs(starter, "starter", "train")[:4])
+    validation = dataset.select_pairs(starter, "starter", "validation")[:4]
+    assert _ids(pinned["validation"]) == _ids(validation)
+    test_ids = set(_ids(dataset.select_pairs(starter, "starter", "test")))
+    assert not test_ids & set(_ids(pinned["train"]) + _ids(pinned["validation"]))
+
+    # before training and after its one epoch, the eval loss saw exactly the validation pairs' examples
+    from transformers import AutoTokenizer
+
+    expected = build_examples(AutoTokenizer.from_pretrained(tiny_llama), validation, DEFAULT_TEMPLATE, 64)
+    assert seen == [expected, expected]
+    assert result.eval_loss_before is not None and result.eval_loss_after is not None
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["split_id"] == split.id
+
+
+def test_without_a_validation_part_training_works_and_says_why_it_has_no_eval_loss(starter, tiny_llama, tmp_path):
+    split = dataset.make_split(starter, "starter", validation_size=0)
+    config = _config(tiny_llama, tmp_path, limit=4)
+    job_id = _job(starter, config)
+    result = train(JobContext(starter, job_id, config.to_dict()), config, starter)
+
+    assert result.steps == 2
+    assert result.eval_loss_before is None and result.eval_loss_after is None
+    names = {r["name"] for r in starter.query("SELECT name FROM training_metrics WHERE job_id = ?", (job_id,))}
+    assert "eval_loss" not in names and "train_loss" in names
+    why = dataset.no_validation_message(split)
+    assert any(line.endswith(f"no eval loss: {why}") for line in jobs.log_tail(starter, job_id))
+    assert json.loads(starter.one("SELECT figures FROM jobs WHERE id = ?", (job_id,))["figures"])["eval_note"] == why
+
+
+def test_a_folder_pinned_before_validation_parts_loads_its_train_pairs_and_no_eval_pairs(starter, tiny_llama, tmp_path):
+    config = _config(tiny_llama, tmp_path, limit=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    train_pairs = dataset.select_pairs(starter, "starter", "train")[:2]
+    test_pairs = dataset.select_pairs(starter, "starter", "test")[:2]
+    old = {
+        "selection": {"dataset": "starter", "part": "train", "limit": 2},
+        "split_id": 1,
+        "split_version": 1,
+        "train": [asdict(p) for p in train_pairs],
+        "test": [asdict(p) for p in test_pairs],  # what its eval loss was taken on then: not read any more
+    }
+    (out / training.EXAMPLES_FILE).write_text(json.dumps(old))
+    pinned = training.pinned_pairs(starter, config, out)
+    assert (pinned.train, pinned.validation, pinned.split_id) == (train_pairs, [], 1)
+
+
+def test_folds_deal_the_train_part_into_disjoint_stratified_folds_and_each_fold_run_pins_its_own(
+    starter, tiny_llama, tmp_path
+):
+    train_part = dataset.select_pairs(starter, "starter", "train")
+    folds = training.cv_folds(train_part, 4, seed=42)
+    assert sorted(_ids(p for fold in folds for p in fold)) == _ids(train_part)  # a partition of the train part
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    for field in {p.field for p in train_part}:  # every field spread over the folds
+        counts = [sum(p.field == field for p in fold) for fold in folds]
+        assert max(counts) - min(counts) <= 1, (field, counts)
+    assert training.cv_folds(train_part, 4, seed=42) == folds and training.cv_folds(train_part, 4, seed=1) != folds
+
+    limited = train_part[:9]
+    held_out = []
+    for fold in (1, 2, 3):
+        out = tmp_path / f"fold-{fold}"
+        out.mkdir()
+        pinned = training.pinned_pairs(starter, _config(tiny_llama, tmp_path, limit=9, cv_folds=3, cv_fold=fold), out)
+        assert sorted(_ids(pinned.train + pinned.validation)) == _ids(limited)
+        assert not set(_ids(pinned.train)) & set(_ids(pinned.validation))
+        held_out += _ids(pinned.validation)
+    assert sorted(held_out) == _ids(limited)  # the held-out folds partition the pairs the folds were dealt from
+    with pytest.raises(BadInput, match="holds a run on other pairs"):  # a fold's folder is not another fold's
+        training.pinned_pairs(starter, _config(tiny_llama, tmp_path, limit=9, cv_folds=3, cv_fold=2), out)
+    with pytest.raises(BadInput, match="cv_folds >= 2"):
+        _config(tiny_llama, tmp_path, cv_folds=1, cv_fold=1).validate(starter)

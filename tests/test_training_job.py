@@ -44,6 +44,10 @@ def test_a_training_job_trains_exports_and_evaluates_its_adapter_as_a_scored_run
 
     run = runs.get_run(starter, figures["eval_run_id"])
     assert run.kind == RUN_KIND and run.adapter and run.dataset == "starter"
+    # its eval loss came from the validation part, its evaluation answers the test part of the same split
+    pinned = json.loads((out / training.EXAMPLES_FILE).read_text())
+    assert (run.part, run.split_id) == ("test", pinned["split_id"]) and "test" not in pinned
+    assert run.selection == {}  # nobody chose these settings among others
     [summary] = [s for s in runs.list_runs(starter) if s.run.id == run.id]
     assert summary.n_scored == 6 and 0 < summary.mean_f1 == pytest.approx(figures["mean_f1"])
 

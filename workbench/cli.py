@@ -107,8 +107,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         path = report.write_report(store, args.run_ids, args.output, args.metric, args.baseline)
         csvs = report.export_tables_csv(store, args.run_ids, args.csv, args.metric, args.baseline) if args.csv else []
         summary = compare.summary_table(store, args.run_ids, metric=args.metric, baseline_run=args.baseline)
+        notes = compare.selection_notes(store, args.run_ids)
     print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in csvs))
     _print_rows(summary.round(4).to_dict("records"), False)
+    for note in notes:  # the comparison stands, with a warning like import's
+        print(f"warning: {note}", file=sys.stderr)
     return 0
 
 
@@ -198,13 +201,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         code = follow_or_detach(store, job_id, args.background)
         if code == 0 and not args.background:
             _print_rows(_sweep_rows(sweep.sweep_table(store, sweep_id)), False)
+            choice = sweep.choose(store, sweep_id)
+            print(choice.describe())
+            if choice.part == "validation":
+                print(f"run its best once on the test part with: python -m workbench confirm {sweep_id}")
+        return code
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from core import sweep
+
+    with open_workspace() as store:
+        made_before = sweep.confirmation(store, args.sweep_id) is not None
+        run_id, job_id = sweep.confirm_best(store, args.sweep_id)
+        run = runs.get_run(store, run_id)
+        done = "already confirmed" if made_before else "confirming"
+        print(f"{done} sweep {args.sweep_id} on test: run {run.id} ({run.selection['how']}), job {job_id}")
+        code = follow_or_detach(store, job_id, args.background)
+        if code == 0 and not args.background:
+            _print_rows(_sweep_rows(sweep.sweep_table(store, run.sweep_id)), False)
         return code
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from core import train_search, training
+    from core.train_config import SEARCH_FIELDS
 
-    config = training.TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(training.TrainConfig)})
+    flags = [f.name for f in fields(training.TrainConfig) if f.name not in SEARCH_FIELDS]
+    config = training.TrainConfig.from_dict({name: getattr(args, name) for name in flags})
     with open_workspace(config.dataset) as store:
         if args.from_search is not None:
             config = train_search.final_config(store, args.from_search)
@@ -217,6 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 trials=args.trials,
                 workers=args.workers,
                 objective=args.objective,
+                folds=args.folds,
                 space=train_search.SearchSpace.parse(args.space),
             )
             search_id = train_search.start_search(store, search)
@@ -239,7 +264,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_training(figures: dict) -> None:
     out = Path(figures["output_dir"])
-    print(f"eval loss {figures.get('eval_loss_before')} -> {figures.get('eval_loss_after')}")
+    if "eval_note" in figures:
+        print(f"no eval loss: {figures['eval_note']}")
+    else:
+        print(f"eval loss (validation) {figures.get('eval_loss_before')} -> {figures.get('eval_loss_after')}")
     if "eval_run_id" in figures:
         print(f"evaluation: run {figures['eval_run_id']}, mean F1 {figures.get('mean_f1', float('nan')):.4f}")
     print(f"artifacts in {out / 'export'}:")
@@ -286,6 +314,7 @@ def _sweep_rows(frame) -> list[dict]:
                 "params": varied,
                 "n": int(r["n"]),
                 "mean_f1": f"{r['mean_f1']:.4f}",
+                **{c: f"{r[c]:.4f}" for c in ("validation_f1", "test_f1") if c in r},
                 "95% CI": f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
                 "median_f1": f"{r['median_f1']:.4f}",
                 "rouge_l": f"{r['rouge_l']:.4f}",
@@ -439,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset to export")
     p.add_argument(
         "--split",
-        choices=("train", "test", "all"),
+        choices=(*dataset.PARTS, "all"),
         default="all",
         help="which part of the latest split to export (default: all pairs)",
     )
@@ -530,10 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         cmd_sweep,
         "Sweep decoding parameters over a dataset split; every configuration "
-        "becomes a scored run (BERTScore F1, ROUGE-L).",
+        "becomes a scored run (BERTScore F1, ROUGE-L). The best is chosen on the validation questions; "
+        "`confirm` then runs it on the test part.",
     )
     p.add_argument("--dataset", required=True, help=field_help(SweepConfig, "dataset"))
-    p.add_argument("--split", choices=("test", "train", "all"), default="test", help=field_help(SweepConfig, "part"))
+    p.add_argument(
+        "--split", choices=(*dataset.PARTS, "all"), default="validation", help=field_help(SweepConfig, "part")
+    )
     p.add_argument(
         "--backend", choices=(*USER_BACKENDS, "echo"), default="llamacpp", help=field_help(SweepConfig, "backend")
     )
@@ -559,15 +591,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", action="store_true", help="return at once with the job id")
 
     p = command(
+        "confirm",
+        cmd_confirm,
+        "Run a sweep's best configuration (chosen on its validation questions) once on the test part of the same "
+        "split, as a scored run to report and compare; a sweep already confirmed shows its confirmation.",
+    )
+    p.add_argument(
+        "sweep_id", type=int, metavar="SWEEP_ID", help="the sweep whose best to confirm (`sweep` prints its id)"
+    )
+    p.add_argument("--background", action="store_true", help="return at once with the job id")
+
+    p = command(
         "train",
         cmd_train,
         "Fine-tune LoRA/QLoRA adapters on a dataset's train part, export them (PEFT, GGUF, merged GGUF + "
         "Modelfile) and evaluate them on the test part as a scored run.",
     )
-    from core.train_config import TrainConfig
+    from core.train_config import SEARCH_FIELDS, TrainConfig
 
     options: dict[str, dict] = {}
     for f in fields(TrainConfig):
+        if f.name in SEARCH_FIELDS:
+            continue
         kind = str(f.type)
         if kind == "bool":
             options[f.name] = {"action": argparse.BooleanOptionalAction}
@@ -592,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="eval_loss",
         help=field_help(SearchConfig, "objective"),
     )
+    search.add_argument("--folds", type=int, default=0, metavar="K", help=field_help(SearchConfig, "folds"))
     search.add_argument(
         "--space",
         default="",
@@ -616,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--backend", choices=ENGINES, default="llamacpp", help=field_help(EvalConfig, "backend"))
     p.add_argument("--baseline-run", type=int, metavar="RUN_ID", help=field_help(EvalConfig, "baseline_run"))
-    p.add_argument("--split", choices=("test", "train", "all"), default="test", help=field_help(EvalConfig, "part"))
+    p.add_argument("--split", choices=(*dataset.PARTS, "all"), default="test", help=field_help(EvalConfig, "part"))
     p.add_argument("--limit", type=int, help=field_help(EvalConfig, "limit"))
     p.add_argument("--scorer", help=field_help(EvalConfig, "scorer_model"))
     p.add_argument("--background", action="store_true", help="return at once with the job id")

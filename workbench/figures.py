@@ -191,7 +191,7 @@ def loss_curve(metrics) -> go.Figure:
             x=evals["step"],
             y=evals["value"],
             mode="lines+markers",
-            name="eval loss (test part)",
+            name="eval loss (validation part)",
             marker={"size": 10, "symbol": "diamond", "color": PALETTE[1]},
             line={"color": PALETTE[1], "dash": "dot"},
             customdata=evals["epoch"],

@@ -55,6 +55,7 @@ def build_report(
         [side_by_side, overlaid],
         {"Summary": summary, "Run configurations": configs},
         differing_answers(per_question, names, label, top),
+        compare.selection_notes(store, run_ids),
     )
 
 

@@ -52,7 +52,10 @@ def sweep_vs_raw(store: Store) -> dict[str, float]:
     raw_s = time.perf_counter() - started
     del llm
 
-    config = sweep.SweepConfig(dataset="starter", grid={"temperature": [0.0]}, baseline=PARAMS, limit=N_QUESTIONS)
+    # The test part, like the raw llama.cpp loop above: the same questions on both sides.
+    config = sweep.SweepConfig(
+        dataset="starter", grid={"temperature": [0.0]}, baseline=PARAMS, part="test", limit=N_QUESTIONS
+    )
     sweep_id = sweep.create_sweep(store, config)
     job_id = jobs.submit(store, "sweep", {"sweep_id": sweep_id}, start=False)
     started = time.perf_counter()

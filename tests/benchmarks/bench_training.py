@@ -54,7 +54,7 @@ def _base_config(method: str, output_dir: str):
 def run_workbench(method: str) -> dict[str, float]:
     """One epoch of the real `train()`, timed from the first training batch to the last step.
 
-    train() also loads the model and evaluates the test part before and after the epoch; those
+    train() also loads the model and evaluates the validation part before and after the epoch; those
     are not part of "an epoch", so the clock starts when the first training batch is collated
     and stops at the last on_step. The batches are observed by wrapping core.training.collate:
     calls with gradients enabled are the training batches (eval_loss runs under no_grad), so
