@@ -184,5 +184,6 @@ def confirm_on_test() -> None:
         st.rerun()
 
 
-if chosen.config.confirms is None:
+# Only a best chosen on validation questions can be confirmed: one chosen on test is already scored there.
+if chosen.config.confirms is None and sweep.choose(store, chosen.id).part == "validation":
     confirm_on_test()
