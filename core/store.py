@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from core import workspace
+
+IN_CHUNK = 500  # values per IN (...) clause, well under SQLite's limit on bound variables
 
 # Each entry is one schema version; never edit a released entry, append a new one.
 MIGRATIONS: list[str] = [
@@ -340,6 +342,16 @@ class Store:
 
     def one(self, sql: str, args: tuple | dict = ()) -> sqlite3.Row | None:
         return self.conn.execute(sql, args).fetchone()
+
+    def query_in(self, sql: str, values: Sequence[Any], before: tuple = (), after: tuple = ()) -> list[sqlite3.Row]:
+        """Rows of `sql`, whose one `IN ({ids})` takes every item of `values`, asked in chunks that stay under
+        SQLite's limit on bound variables; `before` and `after` bind the placeholders ahead of and behind the IN.
+        One list, in chunk order (an ORDER BY orders within a chunk)."""
+        rows: list[sqlite3.Row] = []
+        for start in range(0, len(values), IN_CHUNK):
+            chunk = tuple(values[start : start + IN_CHUNK])
+            rows += self.conn.execute(sql.format(ids=",".join("?" * len(chunk))), (*before, *chunk, *after)).fetchall()
+        return rows
 
     def execute(self, sql: str, args: tuple | dict = ()) -> sqlite3.Cursor:
         """A single write statement, in its own transaction unless inside one already."""
