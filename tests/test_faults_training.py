@@ -23,7 +23,7 @@ from core import dataset, evaluation, jobs, runs, training
 from core.errors import BadInput
 from core.formats import PairRow
 from core.jobs import JobContext
-from core.training import TrainConfig
+from core.training import TrainConfig, checkpoints, loop
 from tests.conftest import tiny_training, wait_until
 
 
@@ -58,7 +58,7 @@ def test_a_kill_at_any_point_of_a_checkpoint_swap_leaves_a_complete_checkpoint_t
     out = tmp_path / "out"
     config = _config(tiny_llama, out, epochs=2, limit=2)  # one step per epoch, a checkpoint after each
     saves, taken = [], []
-    real_save = training._save_checkpoint
+    real_save = loop.save_checkpoint
 
     def counting_save(*args, **kwargs):
         saves.append(1)
@@ -77,7 +77,7 @@ def test_a_kill_at_any_point_of_a_checkpoint_swap_leaves_a_complete_checkpoint_t
         return step
 
     with monkeypatch.context() as patch:
-        patch.setattr(training, "_save_checkpoint", counting_save)
+        patch.setattr(loop, "save_checkpoint", counting_save)
         for owner, name in SWAP_STEPS:
             patch.setattr(owner, name, killable(owner, name))
         with contextlib.suppress(Killed):  # past the swap's last step, nothing is killed
@@ -188,9 +188,9 @@ def test_a_resumed_run_trains_on_the_pairs_pinned_at_its_start_whatever_the_data
 
 
 def test_a_checkpoint_keeps_the_random_state_of_the_cpu_and_of_every_cuda_device(monkeypatch):
-    state = training._rng_state()
+    state = checkpoints._rng_state()
     drawn = torch.rand(3)
-    training._restore_rng(state)
+    checkpoints._restore_rng(state)
     assert torch.equal(torch.rand(3), drawn)
     assert ("cuda_rng" in state) == torch.cuda.is_available()
 
@@ -200,17 +200,17 @@ def test_a_checkpoint_keeps_the_random_state_of_the_cpu_and_of_every_cuda_device
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: devices)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed on a machine with fewer GPUs
-    state = training._rng_state()
+    state = checkpoints._rng_state()
     assert state["cuda_rng"] == devices
-    training._restore_rng(state)
+    checkpoints._restore_rng(state)
     assert restored == devices[:1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_checkpoint_restores_the_cuda_generator_on_a_gpu():
-    state = training._rng_state()
+    state = checkpoints._rng_state()
     drawn = torch.rand(3, device="cuda")
-    training._restore_rng(state)
+    checkpoints._restore_rng(state)
     assert torch.equal(torch.rand(3, device="cuda"), drawn)
 
 

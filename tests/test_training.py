@@ -85,7 +85,7 @@ def test_collate_pads_dynamically_and_length_grouping_cuts_padding(starter, toke
 
 
 def test_answer_loss_equals_the_full_loss_and_gives_the_same_gradients(starter, tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "LOSS_CHUNK_ROWS", 7)  # several chunks, the last one short
+    monkeypatch.setattr(training.loss, "LOSS_CHUNK_ROWS", 7)  # several chunks, the last one short
     config = _config(tiny_llama, tmp_path, lora_dropout=0.0)
     model, tokenizer = load_model(config, str(tiny_llama))
     pairs = dataset.select_pairs(starter, "starter", "train")[:4]
@@ -107,14 +107,14 @@ def test_answer_loss_equals_the_full_loss_and_gives_the_same_gradients(starter, 
 
 @pytest.mark.parametrize("cap", [0.0, 30.0])
 def test_the_chunked_head_loss_matches_autograd_with_and_without_softcapping(cap, monkeypatch):
-    monkeypatch.setattr(training, "LOSS_CHUNK_ROWS", 4)
+    monkeypatch.setattr(training.loss, "LOSS_CHUNK_ROWS", 4)
     torch.manual_seed(0)
     weight = torch.randn(50, 8) * 3  # large logits, so the softcap bends them
     hidden = torch.randn(10, 8, requires_grad=True)
     targets = torch.randint(0, 50, (10,))
-    ours = training._ChunkedHeadLoss.apply(hidden, weight, targets, cap)
+    ours = training.loss._ChunkedHeadLoss.apply(hidden, weight, targets, cap)
     (our_grad,) = torch.autograd.grad(ours, hidden)
-    reference = torch.nn.functional.cross_entropy(training._softcap(hidden @ weight.T, cap), targets)
+    reference = torch.nn.functional.cross_entropy(training.loss._softcap(hidden @ weight.T, cap), targets)
     (reference_grad,) = torch.autograd.grad(reference, hidden)
     assert torch.allclose(ours, reference, atol=1e-5)
     assert torch.allclose(our_grad, reference_grad, atol=1e-6)
@@ -133,7 +133,7 @@ def test_one_lora_epoch_learns_and_the_adapter_reloads(starter, tiny_llama, tmp_
         loaded.append(load_model(*args))
         return loaded[-1]
 
-    monkeypatch.setattr(training, "load_model", keep)
+    monkeypatch.setattr(training.loop, "load_model", keep)
     config = _config(tiny_llama, tmp_path)
     job_id = _job(starter, config)
     steps: list[dict] = []
@@ -194,7 +194,7 @@ def test_qlora_runs_a_step_on_cpu(starter, tiny_llama_64, tmp_path, monkeypatch)
     from core import training
 
     loaded = []
-    monkeypatch.setattr(training, "load_model", lambda *args: loaded.append(load_model(*args)) or loaded[-1])
+    monkeypatch.setattr(training.loop, "load_model", lambda *args: loaded.append(load_model(*args)) or loaded[-1])
     config = _config(tiny_llama_64, tmp_path, method="qlora", limit=4, batch_size=4)
     started = time.perf_counter()
     result = train(None, config, starter)
@@ -329,7 +329,7 @@ def test_the_eval_loss_is_taken_on_the_validation_pairs_of_the_split_and_no_test
         seen.append(examples)
         return real_eval_loss(model, examples, *args)
 
-    monkeypatch.setattr(training, "eval_loss", eval_loss)
+    monkeypatch.setattr(training.loop, "eval_loss", eval_loss)
     config = _config(tiny_llama, tmp_path, limit=4)
     result = train(None, config, starter)
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from core import dataset, models, workspace
+from core import dataset, intake, models, workspace
 from core.store import Store
 from tests.benchmarks.common import report
 
@@ -56,7 +56,7 @@ def run_workbench(method: str) -> dict[str, float]:
 
     train() also loads the model and evaluates the validation part before and after the epoch; those
     are not part of "an epoch", so the clock starts when the first training batch is collated
-    and stops at the last on_step. The batches are observed by wrapping core.training.collate:
+    and stops at the last on_step. The batches are observed by wrapping the loop's collate:
     calls with gradients enabled are the training batches (eval_loss runs under no_grad), so
     the padding counted is that of the batches actually fed, not a re-derivation of them.
     """
@@ -87,12 +87,12 @@ def run_workbench(method: str) -> dict[str, float]:
         losses.append(metrics["train_loss"])
 
     store = Store()
-    training.collate = observed_collate
+    training.loop.collate = observed_collate
     try:
         with tempfile.TemporaryDirectory() as out:
             training.train(None, _base_config(method, out), store, on_step=on_step)
     finally:
-        training.collate = real_collate
+        training.loop.collate = real_collate
         store.close()
     epoch_s = steps[-1] - seen["started"]
     return {
@@ -195,7 +195,7 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "WORKBENCH_HOME": home, "WORKBENCH_MODELS": models_dir}
         store = Store(os.path.join(home, "workbench.sqlite"))
-        dataset.ensure_starter(store)  # imported already split 80/20 (seed 42): train on its train part
+        intake.ensure_starter(store)  # imported already split 80/20 (seed 42): train on its train part
         store.close()
         for name in VARIANTS:  # one after another: two cores, and each must have the machine to itself
             results[name] = _in_fresh_process(name, env)
