@@ -1,8 +1,9 @@
 """Build and install the embedded llama.cpp engine (llama-cpp-python) for the CPU it runs on, minus AMX.
 
 Run by `make bootstrap` (a no-op when the installed engine already matches) and `make engine` (always
-rebuilds). It runs before the project's requirements are installed, so it uses the standard library only
-and is started as `python -m core.engine_build`, not through the workbench CLI.
+rebuilds). It runs before the project's requirements are installed, so it uses the standard library (and
+core.files, which needs no more) only and is started as `python -m core.engine_build`, not through the
+workbench CLI.
 
 Why a build step of its own:
 - llama-cpp-python compiles ggml with `-march=native`. On CPUs with AMX (Sapphire Rapids and later) that
@@ -24,12 +25,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from core import files
 
 PACKAGE = "llama_cpp_python"
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
@@ -85,17 +86,12 @@ def _build_wheel(pip: list[str], version: str, target: Path) -> Path:
     env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "FORCE_CMAKE": "1"}
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-    try:
+    with files.replacing(target) as part:
         subprocess.run(
-            [*pip, "wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE, "-w", tmp, f"{PACKAGE}=={version}"],
+            [*pip, "wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE, "-w", part, f"{PACKAGE}=={version}"],
             env=env,
             check=True,
         )
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -123,7 +119,7 @@ def ensure_engine(venv: Path, cache: Path, rebuild: bool = False) -> str:
         "wheel": str(wheel),
         "installed_at": time.time(),
     }
-    stamp_path(venv).write_text(json.dumps(stamp, indent=2))
+    files.write_json(stamp_path(venv), stamp)
     return f"installed llama.cpp engine {version} built for this CPU (build {key})"
 
 

@@ -23,6 +23,7 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, TextIO
 
+from core import files
 from core.errors import BadInput
 
 SUPPORTED_EXTENSIONS = (".csv", ".json", ".jsonl", ".ndjson")
@@ -100,13 +101,13 @@ def _format_of(name: str) -> str:
 
 def write_jsonl(rows: Iterable[PairRow | Mapping[str, Any]], path: str | Path) -> int:
     """Write one {"question", "answer", "field"} object per line (UTF-8); return the count."""
-    with Path(path).open("w", encoding="utf-8", newline="") as f:
+    with files.replacing(path) as part, part.open("w", encoding="utf-8", newline="") as f:
         return dump_pairs(rows, "jsonl", f)
 
 
 def write_csv(rows: Iterable[PairRow | Mapping[str, Any]], path: str | Path) -> int:
     """Write a CSV with the header question,answer,field (cells spreadsheet-safe); return the number of rows."""
-    with Path(path).open("w", encoding="utf-8", newline="") as f:
+    with files.replacing(path) as part, part.open("w", encoding="utf-8", newline="") as f:
         return dump_pairs(rows, "csv", f)
 
 

@@ -31,12 +31,12 @@ def seeded_store_file(tmp_path_factory) -> Path:
 
     First use of a workspace embeds the starter questions (seconds); copying spares every test that.
     """
-    from core import dataset
+    from core import intake
     from core.store import Store
 
     path = tmp_path_factory.mktemp("seed") / "workbench.sqlite"
     with Store(path) as store:
-        dataset.ensure_starter(store)
+        intake.ensure_starter(store)
         store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return path
 
@@ -64,9 +64,9 @@ def store(workbench_home):
 @pytest.fixture
 def starter(store):
     """A store with the starter dataset imported and split, as on a first run."""
-    from core import dataset
+    from core import intake
 
-    dataset.ensure_starter(store)
+    intake.ensure_starter(store)
     return store
 
 

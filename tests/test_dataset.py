@@ -4,22 +4,22 @@ import json
 
 import pytest
 
-from core import dataset, formats
+from core import dataset, formats, intake
 from core.errors import BadInput, NotFound
 
 
 @pytest.mark.empty_workspace
 def test_the_starter_dataset_is_imported_once_on_first_run(store):
-    summary = dataset.ensure_starter(store)
+    summary = intake.ensure_starter(store)
     assert summary.dataset == "starter" and summary.added >= 100
     split = dataset.latest_split(store, "starter")  # split 70/10/20, ready to sweep, choose and train
     assert (split.version, split.seed, split.test_size, split.validation_size) == (1, 42, 0.2, 0.1)
-    assert dataset.ensure_starter(store) is None
+    assert intake.ensure_starter(store) is None
     assert dataset.status_counts(store, "starter")["accepted"] == summary.added
 
 
 def test_starter_pairs_have_fields_and_multi_sentence_answers(store):
-    dataset.ensure_starter(store)
+    intake.ensure_starter(store)
     frame = dataset.pairs_frame(store, "starter")
     assert frame["field"].nunique() >= 5
     assert frame["question"].str.endswith("?").all()
@@ -27,19 +27,19 @@ def test_starter_pairs_have_fields_and_multi_sentence_answers(store):
 
 
 def test_a_bad_file_changes_nothing(store, tmp_path):
-    dataset.ensure_starter(store)
+    intake.ensure_starter(store)
     before = dataset.pairs_frame(store, "starter").to_dict("records")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q?", "answer": "a"}\n{"question": \n')
     with pytest.raises(BadInput, match="line 2"):
-        dataset.import_file(store, bad, "starter")
+        intake.import_file(store, bad, "starter")
     assert dataset.pairs_frame(store, "starter").to_dict("records") == before
 
 
 def test_blank_rows_are_skipped_and_counted(store, tmp_path):
     path = tmp_path / "some.csv"
     path.write_text("question,answer\nq1?,a1\n ,a2\nq3?,\nq4?,a4\n")
-    summary = dataset.import_file(store, path)
+    summary = intake.import_file(store, path)
     assert (summary.dataset, summary.added, summary.skipped_blank) == ("some", 2, 2)
 
 
@@ -75,7 +75,7 @@ def test_empty_answers_and_unknown_statuses_are_refused(store):
 
 
 def test_a_split_is_stratified_by_field_and_seeded(store):
-    dataset.ensure_starter(store)
+    intake.ensure_starter(store)
     first = dataset.make_split(store, "starter", 0.2, seed=7)
     test_pairs = dataset.select_pairs(store, "starter", "test")
     n = dataset.status_counts(store, "starter")["accepted"]
@@ -95,7 +95,7 @@ def test_a_split_is_stratified_by_field_and_seeded(store):
 
 
 def test_a_split_without_a_validation_part_says_what_that_means(store):
-    dataset.ensure_starter(store)
+    intake.ensure_starter(store)
     info = dataset.make_split(store, "starter", 0.2, seed=7, validation_size=0)
     assert info.validation == 0 and info.train + info.test == dataset.status_counts(store, "starter")["accepted"]
     assert info.describe().endswith("(no validation part)")
@@ -134,7 +134,7 @@ def test_a_split_made_before_validation_parts_keeps_working(tmp_path):
 
 
 def test_earlier_split_versions_stay_frozen(store):
-    dataset.ensure_starter(store)
+    intake.ensure_starter(store)
     v1 = dataset.make_split(store, "starter", seed=1)
     v1_test = [p.id for p in dataset.select_pairs(store, "starter", "test", split_id=v1.id)]
     dataset.make_split(store, "starter", seed=2)
@@ -151,7 +151,7 @@ def test_splitting_needs_accepted_pairs(store):
 
 
 def test_export_writes_accepted_pairs_of_a_split_part(store, tmp_path):
-    dataset.ensure_starter(store)
+    intake.ensure_starter(store)
     info = dataset.make_split(store, "starter")
     out = tmp_path / "test.jsonl"
     assert dataset.export_pairs(store, "starter", out, "jsonl", "test") == info.test

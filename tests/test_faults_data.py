@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import dataset, formats, quality
+from core import dataset, formats, intake, quality
 from core.backends.ollama import OllamaBackend
 from core.decoding import DecodingParams
 from core.errors import BackendError, BadInput
@@ -62,18 +62,18 @@ def test_an_import_whose_flagging_fails_keeps_its_pairs_once_and_says_the_flags_
         raise MemoryError()
 
     monkeypatch.setattr(quality, "flag_dataset", out_of_memory)
-    summary = dataset.import_file(store, path)
+    summary = intake.import_file(store, path)
     assert (summary.dataset, summary.added, summary.flags_pending) == ("mine", 3, "MemoryError")
-    assert "pending (MemoryError); the pairs are kept" in dataset.describe_pending_flags(summary)
+    assert "pending (MemoryError); the pairs are kept" in intake.describe_pending_flags(summary)
     assert len(pair_rows(store, "mine")) == 3
 
-    again = dataset.import_file(store, path)  # the retry of a user who saw the warning
+    again = intake.import_file(store, path)  # the retry of a user who saw the warning
     assert again.added == 0 and again.imported_before is not None
-    assert "already imported into 'mine'" in dataset.describe_import(again)
+    assert "already imported into 'mine'" in intake.describe_import(again)
     assert len(pair_rows(store, "mine")) == 3
 
     monkeypatch.undo()  # the scorer is back: the same import now computes the flags, still adding nothing
-    fixed = dataset.import_file(store, path)
+    fixed = intake.import_file(store, path)
     assert (fixed.added, fixed.flags_pending) == (0, "")
     rows = pair_rows(store, "mine")
     assert len(rows) == 3 and "no_question_mark" in json.loads(rows[1]["flags"])
@@ -82,14 +82,14 @@ def test_an_import_whose_flagging_fails_keeps_its_pairs_once_and_says_the_flags_
 def test_the_same_pairs_in_another_format_or_into_another_dataset(store, tmp_path):
     csv_path = tmp_path / "mine.csv"
     csv_path.write_text(PAIRS_CSV)
-    dataset.import_file(store, csv_path)
+    intake.import_file(store, csv_path)
     jsonl_path = tmp_path / "copy.jsonl"
     formats.write_jsonl(formats.read_pairs(csv_path).rows, jsonl_path)
-    assert dataset.import_file(store, jsonl_path, "mine").added == 0  # same pairs, same dataset: nothing added
-    assert dataset.import_file(store, jsonl_path, "other").added == 3  # another dataset may hold them too
+    assert intake.import_file(store, jsonl_path, "mine").added == 0  # same pairs, same dataset: nothing added
+    assert intake.import_file(store, jsonl_path, "other").added == 3  # another dataset may hold them too
     changed = tmp_path / "changed.csv"
     changed.write_text(PAIRS_CSV.replace("A simple method to beat.", "A simple method that must be beaten."))
-    assert dataset.import_file(store, changed, "mine").added == 3  # other content is a new import
+    assert intake.import_file(store, changed, "mine").added == 3  # other content is a new import
 
 
 @pytest.fixture
@@ -166,7 +166,7 @@ def test_plain_names_are_accepted(store, name):
 def test_a_file_imported_without_a_name_gets_a_plain_one(store, tmp_path):
     path = tmp_path / "..my data [v2].csv"
     path.write_text(PAIRS_CSV)
-    assert dataset.import_file(store, path).dataset == "my data -v2-"
+    assert intake.import_file(store, path).dataset == "my data -v2-"
 
 
 def legacy_dataset(store: Store, name: str) -> None:
@@ -296,7 +296,7 @@ def test_exported_csv_cells_never_start_a_formula_and_import_back_unchanged(stor
     assert '\'=HYPERLINK("http://evil.example","click")' in cells and "''=already quoted by the author" in cells
     assert "'a quote, then plain text" in cells and "plain text" in cells  # nothing to neutralise: as it was
 
-    dataset.import_file(store, out, "formulas again")
+    intake.import_file(store, out, "formulas again")
     original = [(r.question, r.answer, r.field) for r in rows]
     assert [(p.question, p.answer, p.field) for p in dataset.select_pairs(store, "formulas again")] == original
     jsonl = dataset.export_text(store, "formulas", "jsonl")  # JSONL is no spreadsheet: texts as they are
@@ -305,12 +305,12 @@ def test_exported_csv_cells_never_start_a_formula_and_import_back_unchanged(stor
 
 def test_the_compare_csv_tables_neutralise_model_answers_and_keep_numbers(store, tmp_path):
     from tests.test_compare import make_run
-    from workbench import report
+    from workbench import comparison
 
-    dataset.ensure_starter(store)
+    intake.ensure_starter(store)
     a, b = make_run(store, [0.5, 0.25]), make_run(store, [-0.125, 0.75])
     store.execute("UPDATE generations SET answer = '=1+1' WHERE run_id = ?", (b,))
-    paths = report.export_tables_csv(store, [a, b], tmp_path / "tables")
+    paths = comparison.write_tables_csv(store, [a, b], tmp_path / "tables")
     with (tmp_path / "tables" / "per_question.csv").open(newline="") as f:
         table = list(csv.DictReader(f))
     assert [row[f"answer_{b}"] for row in table] == ["'=1+1", "'=1+1"]

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 
-from core import dataset, jobs, models, scoring, sweep, workspace
+from core import dataset, intake, jobs, models, scoring, sweep, workspace
 from core.backends import make_backend
 from core.decoding import DecodingParams
 from core.prompting import render_prompt, stop_sequences
@@ -120,7 +120,7 @@ def main() -> dict:
         os.environ["WORKBENCH_HOME"] = tmp
         try:
             store = Store()
-            dataset.ensure_starter(store)
+            intake.ensure_starter(store)
             dataset.make_split(store, "starter", test_size=0.2)
             figures = {**sweep_vs_raw(store), **batched_vs_single(store), **cached_vs_plain_scoring(store)}
             store.close()

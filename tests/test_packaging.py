@@ -1,4 +1,4 @@
-"""Export: a trained adapter back into llama.cpp and Ollama (core.export).
+"""Packaging: a trained adapter back into llama.cpp and Ollama (core.packaging).
 
 The fast tests pin the Modelfile as Ollama reads it and the command that registers it. The slow
 ones build a LoRA adapter for the embedded Gemma 3 270M without training (seeded random B
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from core import dataset, export
+from core import converters, dataset, packaging
 from core.decoding import DecodingParams
 from core.errors import BadInput, NotFound
 from core.prompting import DEFAULT_TEMPLATE, render_prompt, stop_sequences
@@ -78,7 +78,7 @@ def ollama_parse(text: str) -> list[tuple[str, str]]:
 
 def test_modelfile_carries_the_template_the_decoding_and_the_stops(tmp_path):
     params = DecodingParams(temperature=0.2, top_p=0.8, top_k=30, max_tokens=64, repeat_penalty=1.05, seed=7)
-    path = export.write_modelfile(tmp_path, "merged-q8_0.gguf", DEFAULT_TEMPLATE, params, stop_sequences())
+    path = packaging.write_modelfile(tmp_path, "merged-q8_0.gguf", DEFAULT_TEMPLATE, params, stop_sequences())
 
     assert path == tmp_path / "Modelfile"
     assert ollama_parse(path.read_text()) == [
@@ -100,22 +100,22 @@ def test_modelfile_carries_the_template_the_decoding_and_the_stops(tmp_path):
 def test_modelfile_values_with_quotes_spaces_and_braces_survive_the_parser(tmp_path):
     template = 'Say "{question}" back\t exactly, even {{{{this}}}}:'
     stops = ['"', " end ", "\n\t\n"]
-    text = export.modelfile_text("m.gguf", template, DecodingParams(seed=None), stops)
+    text = packaging.modelfile_text("m.gguf", template, DecodingParams(seed=None), stops)
 
     parsed = ollama_parse(text)
     assert ("template", 'Say "{{ .Prompt }}" back\t exactly, even {{ "{{" }}this}}:') in parsed
     assert [value for name, value in parsed if name == "stop"] == stops
     assert "seed" not in dict(parsed)  # no seed: Ollama draws a fresh one per request
     with pytest.raises(BadInput, match="three double quotes"):
-        export.modelfile_text("m.gguf", DEFAULT_TEMPLATE, GREEDY, ['"""'])
+        packaging.modelfile_text("m.gguf", DEFAULT_TEMPLATE, GREEDY, ['"""'])
 
 
 def test_the_create_command_is_copy_pasteable(tmp_path):
     folder = tmp_path / "run 7" / "export"
-    assert export.ollama_create_command("qa-run-7", folder) == (
+    assert packaging.ollama_create_command("qa-run-7", folder) == (
         f"cd '{folder.resolve()}' && ollama create qa-run-7 -f Modelfile"
     )
-    assert export.ollama_model_name(Path("/x/Train 12 (Gemma)!")) == "train-12-gemma"
+    assert packaging.ollama_model_name(Path("/x/Train 12 (Gemma)!")) == "train-12-gemma"
 
 
 def test_a_base_checkpoint_converted_from_gguf_is_refused_with_the_fix(tmp_path):
@@ -128,7 +128,7 @@ def test_a_base_checkpoint_converted_from_gguf_is_refused_with_the_fix(tmp_path)
     (adapter / "adapter_config.json").write_text("{}")
 
     with pytest.raises(BadInput, match="quant_method gguf.*unquantized") as caught:
-        export.adapter_to_gguf(adapter, base, tmp_path / "a.gguf")
+        packaging.adapter_to_gguf(adapter, base, tmp_path / "a.gguf")
     assert "\n" not in str(caught.value)
 
 
@@ -170,7 +170,7 @@ def make_train_dir(directory: Path, adapter: Path, base: Path) -> Path:
 def exported(tmp_path_factory, adapter_dir, embedded_models):
     train_dir = make_train_dir(tmp_path_factory.mktemp("train-7"), adapter_dir, embedded_models.hf_checkpoint_dir())
     started = time.monotonic()
-    result = export.export_training(train_dir, progress=lambda line: print(f"  {line}"))
+    result = packaging.package_training(train_dir, progress=lambda line: print(f"  {line}"))
     seconds = time.monotonic() - started
     sizes = {p.name: round(p.stat().st_size / 1e6, 1) for p in result.directory.iterdir() if p.is_file()}
     print(f"\nexport took {seconds:.1f} s; MB: {sizes}")
@@ -196,22 +196,22 @@ def test_export_writes_every_file_and_a_second_call_redoes_nothing(exported):
 
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
     started = time.monotonic()
-    again = export.export_training(folder.parent, progress=lambda line: None)
+    again = packaging.package_training(folder.parent, progress=lambda line: None)
     assert again == exported
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
     assert time.monotonic() - started < 5
 
-    archive = export.zip_export(folder.parent)
+    archive = packaging.zip_package(folder.parent)
     assert archive.stat().st_size > (folder / "merged-q8_0.gguf").stat().st_size
-    assert export.zip_export(folder.parent).stat().st_mtime_ns == archive.stat().st_mtime_ns  # not zipped again
+    assert packaging.zip_package(folder.parent).stat().st_mtime_ns == archive.stat().st_mtime_ns  # not zipped again
 
 
 def test_a_failing_converter_gives_one_line(tmp_path, adapter_dir, tiny_llama):
     """An adapter for Gemma 3 on a 2-layer Llama base: the converter cannot place layer 10's tensors."""
     train_dir = make_train_dir(tmp_path / "wrong-base", adapter_dir, tiny_llama)
 
-    with pytest.raises(export.ConversionError) as caught:
-        export.export_training(train_dir, progress=lambda line: None)
+    with pytest.raises(converters.ConversionError) as caught:
+        packaging.package_training(train_dir, progress=lambda line: None)
     message = str(caught.value)
     assert message.startswith("converting the adapter to GGUF failed: ") and "Can not map tensor" in message
     assert "\n" not in message
@@ -221,7 +221,7 @@ def test_a_failing_converter_gives_one_line(tmp_path, adapter_dir, tiny_llama):
 def test_a_missing_base_is_named(tmp_path, adapter_dir):
     train_dir = make_train_dir(tmp_path / "gone", adapter_dir, tmp_path / "deleted-base")
     with pytest.raises(NotFound, match="deleted-base"):
-        export.export_training(train_dir, progress=lambda line: None)
+        packaging.package_training(train_dir, progress=lambda line: None)
 
 
 # ---- the acceptance test: the same answers in every engine ------------------------------------
@@ -368,6 +368,6 @@ def test_only_the_converters_are_taken_from_the_sdist(tmp_path):
             info.size = 1
             tar.addfile(info, io.BytesIO(b"#"))
 
-    export._extract_converters(sdist, tmp_path / "out")
+    converters._extract_converters(sdist, tmp_path / "out")
     kept = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert kept == sorted(names[:5])

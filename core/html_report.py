@@ -1,7 +1,7 @@
 """A comparison of runs as one self-contained HTML file: figures, tables and the answers that differ most.
 
 Pure rendering: the figures arrive already built (core never imports workbench or streamlit;
-workbench/report.py fetches the data and builds them). plotly.js is embedded once, inline, so
+workbench/comparison.py fetches the data and builds them). plotly.js is embedded once, inline, so
 the file opens offline; every piece of user or model text is HTML-escaped, never passed raw.
 """
 

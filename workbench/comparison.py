@@ -1,7 +1,9 @@
-"""The comparison report: fetches runs' scores through core.compare, draws them with workbench.figures,
-and hands both to core.reports to render. The CLI's `compare` and the Compare page share it.
+"""The comparison of runs as files: fetches their scores through core.compare, draws them with
+workbench.figures and hands both to core.html_report to render; writes the CSV tables too. The CLI's
+`compare` and the Compare page share it.
 
-Nothing is written until every table and figure is built, so bad input leaves no half a report.
+Nothing is written until every table and figure is built, so bad input leaves no half a report, and
+each file is written beside and renamed into place (core.files), so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import compare, formats, reports, runs
+from core import compare, files, formats, html_report, runs
 from core.store import Store
 from workbench import figures
 
@@ -50,7 +52,7 @@ def build_report(
     side_by_side.update_layout(title=f"{label} per run", margin={"t": 90})
     overlaid = figures.overlaid_histograms(scores, label)
     overlaid.update_layout(title=f"{label} of all runs, overlaid")
-    return reports.render_report(
+    return html_report.render_report(
         f"Comparison of {', '.join(names.values())}: {label}",
         [side_by_side, overlaid],
         {"Summary": summary, "Run configurations": configs},
@@ -69,12 +71,10 @@ def write_report(
 ) -> Path:
     """Build the report, then write it to `path` (nothing is written when building fails)."""
     html = build_report(store, run_ids, metric=metric, baseline_run=baseline_run, top=top)
-    path = Path(path)
-    path.write_text(html, encoding="utf-8")
-    return path
+    return files.write_bytes(path, html.encode("utf-8"))
 
 
-def export_tables_csv(
+def write_tables_csv(
     store: Store, run_ids: Sequence[int], folder: str | Path, metric: str = "f1", baseline_run: int | None = None
 ) -> list[Path]:
     """summary.csv and per_question.csv of the comparison in `folder` (created if missing); text cells
@@ -87,6 +87,6 @@ def export_tables_csv(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, frame in frames.items():
-        frame.map(formats.spreadsheet_safe).to_csv(folder / name, index=False)
-        paths.append(folder / name)
+        text = frame.map(formats.spreadsheet_safe).to_csv(index=False)
+        paths.append(files.write_bytes(folder / name, text.encode("utf-8")))
     return paths

@@ -1,65 +1,44 @@
-"""Export a trained LoRA adapter back into the engines: llama.cpp and Ollama.
+"""Packages a trained LoRA adapter for llama.cpp and Ollama.
 
-From a training folder (adapter/ + train_config.json) this writes <train_dir>/export/: the PEFT
-adapter, the adapter as GGUF (llama.cpp's lora_path), the adapter merged into its base as one
-Q8_0 GGUF, an Ollama Modelfile for that GGUF with the command that registers it, and a README.
-The GGUF files come from llama.cpp's own converters, taken from the llama-cpp-python sdist of the
-installed version (so the files match the engine that loads them) and run as subprocesses.
+From a training folder (adapter/ + train_config.json) this writes <train_dir>/export/ (the folder
+keeps that name: users have such folders): the PEFT adapter, the adapter as GGUF (llama.cpp's
+lora_path), the adapter merged into its base as one Q8_0 GGUF, an Ollama Modelfile for that GGUF
+with the command that registers it, and a README. The GGUF files come from llama.cpp's own
+converters (core.converters), run as subprocesses.
 
-Each step writes beside its target and renames, so an output is either complete or absent, and a
-second export redoes nothing. Never trains, never writes into the base model or the adapter it
-reads, and never emits Ollama's ADAPTER line (Ollama's own engine does not apply LoRA to Gemma 3).
+Each step writes beside its target and renames (core.files), so an output is either complete or
+absent, and a second packaging redoes nothing. Never trains, never writes into the base model or the
+adapter it reads, and never emits Ollama's ADAPTER line (Ollama's own engine does not apply LoRA to Gemma 3).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import models, workspace
+from core import files, models
+from core.converters import run_converter, run_python
 from core.decoding import DecodingParams
-from core.errors import BadInput, NotFound, WorkbenchError
+from core.errors import BadInput, NotFound
 from core.prompting import check_template, stop_sequences
+from core.train_dir import TrainDir
 
 Progress = Callable[[str], None]
 
-CONVERTERS_DIR_NAME = "llama.cpp-converters"
-CONVERTERS_MARKER = "VERSION"  # holds the llama-cpp-python version the scripts came from
-# What the two convert scripts need from the vendored llama.cpp tree (found by running them):
-# their model classes (conversion/), the gguf package newer than PyPI's (gguf-py/gguf/) and the
-# chat templates a few architectures read (models/templates/).
-CONVERTER_FILES = (
-    "convert_lora_to_gguf.py",
-    "convert_hf_to_gguf.py",
-    "conversion/",
-    "gguf-py/gguf/",
-    "models/templates/",
-    "LICENSE",
-)
 # f32, not f16: the adapter is small (about 1.5 MB at r=8 on q_proj,v_proj of Gemma 3 270M), f32
 # keeps the trained A and B exactly, and llama.cpp applies f32 LoRA tensors on every backend.
 ADAPTER_OUTTYPE = "f32"
 MERGED_OUTTYPE = "q8_0"
 
 
-class ConversionError(WorkbenchError):
-    """A converter could not turn the adapter or the merged model into GGUF (the reason in one line)."""
-
-
 @dataclass(frozen=True)
-class ExportResult:
+class PackageResult:
     directory: Path
     adapter: Path
     adapter_gguf: Path
@@ -69,92 +48,7 @@ class ExportResult:
     readme: Path
 
 
-# ---- llama.cpp's converters ------------------------------------------------------------------
-
-
-def converters_dir() -> Path:
-    return workspace.models_dir() / CONVERTERS_DIR_NAME
-
-
-def engine_version() -> str:
-    """The installed llama-cpp-python's version (llama_cpp.__version__), read without loading the library."""
-    return importlib.metadata.version("llama_cpp_python")
-
-
-def converters_ready() -> bool:
-    marker = converters_dir() / CONVERTERS_MARKER
-    return marker.exists() and marker.read_text().strip() == engine_version()
-
-
-def prepare_converters(progress: Progress = print) -> Path:
-    """llama.cpp's convert scripts of the installed engine's version, fetched once from PyPI (~76 MB sdist, ~25 s).
-
-    Only the scripts and what they import are kept; the sdist is deleted. A new llama-cpp-python
-    version fetches its own scripts.
-    """
-    target = converters_dir()
-    if converters_ready():
-        return target
-    version = engine_version()
-    progress(f"fetching llama.cpp's GGUF converters (llama-cpp-python {version} sdist, about 76 MB, once) ...")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="llama-cpp-sdist-", dir=target.parent) as tmp:
-        sdist = _download_sdist(version, Path(tmp))
-        staging = Path(tmp) / CONVERTERS_DIR_NAME
-        _extract_converters(sdist, staging)
-        sdist.unlink()
-        (staging / CONVERTERS_MARKER).write_text(version)
-        if not converters_ready():  # another process may have finished first
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-    progress(f"converters ready in {target}")
-    return target
-
-
-def _download_sdist(version: str, directory: Path) -> Path:
-    command = ["-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps", "--no-binary", ":all:"]
-    _run_python([*command, "--quiet", "--dest", str(directory)], "downloading the llama-cpp-python sdist")
-    found = sorted(directory.glob("llama_cpp_python-*.tar.gz"))
-    if not found:
-        raise ConversionError(f"pip downloaded no llama-cpp-python {version} sdist into {directory}")
-    return found[0]
-
-
-def _extract_converters(sdist: Path, target: Path) -> None:
-    with tarfile.open(sdist) as tar:
-        for member in tar:
-            top, found, relative = member.name.partition("/vendor/llama.cpp/")
-            wanted = found and "/" not in top and relative.startswith(CONVERTER_FILES) and ".." not in relative
-            if not (wanted and member.isfile()):
-                continue
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(tar.extractfile(member).read())
-    missing = [name for name in CONVERTER_FILES[:2] if not (target / name).exists()]
-    if missing:
-        raise ConversionError(f"{sdist.name} has no {', '.join(missing)} under vendor/llama.cpp")
-
-
-def _run_python(args: list[str], what: str) -> None:
-    """`python ARGS` with the vendored gguf package first on the path; a failure becomes one line."""
-    gguf_py = str(converters_dir() / "gguf-py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [gguf_py, os.environ.get("PYTHONPATH")]))}
-    env["HF_HUB_OFFLINE"] = "1"  # converters read local folders; never wait on the hub
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, errors="replace", env=env)
-    if proc.returncode != 0:
-        raise ConversionError(f"{what} failed: {last_meaningful_line(proc.stderr or proc.stdout)}")
-
-
-def last_meaningful_line(output: str) -> str:
-    """The line that says why (a traceback's last line, an ERROR log), not progress bars or carets."""
-    lines = [line.strip() for line in output.splitlines()]
-    keep = [line for line in lines if line and "%|" not in line and not line.startswith(("INFO:", "^", "~"))]
-    return keep[-1][:300] if keep else "no error output"
-
-
-def _run_converter(script: str, args: list[str], what: str, progress: Progress) -> None:
-    root = prepare_converters(progress)
-    _run_python([str(root / script), *args], what)
+# ---- conversions -----------------------------------------------------------------------------
 
 
 def _check_hf_dir(path: Path, role: str) -> None:
@@ -172,9 +66,6 @@ def _check_hf_dir(path: Path, role: str) -> None:
         )
 
 
-# ---- conversions -----------------------------------------------------------------------------
-
-
 def adapter_to_gguf(adapter_dir: Path, base_model_dir: Path, out_file: Path, progress: Progress = print) -> Path:
     """A PEFT LoRA adapter as a GGUF LoRA for llama.cpp (seconds), checked against its base's config."""
     adapter_dir, base_model_dir, out_file = Path(adapter_dir), Path(base_model_dir), Path(out_file)
@@ -182,13 +73,9 @@ def adapter_to_gguf(adapter_dir: Path, base_model_dir: Path, out_file: Path, pro
         raise NotFound(f"no PEFT adapter in {adapter_dir} (no adapter_config.json)")
     _check_hf_dir(base_model_dir, "base model")
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    part = out_file.with_name(out_file.name + ".part")
-    args = ["--base", str(base_model_dir), "--outtype", ADAPTER_OUTTYPE, "--outfile", str(part), str(adapter_dir)]
-    try:
-        _run_converter("convert_lora_to_gguf.py", args, "converting the adapter to GGUF", progress)
-        part.rename(out_file)
-    finally:
-        part.unlink(missing_ok=True)
+    with files.replacing(out_file) as part:
+        args = ["--base", str(base_model_dir), "--outtype", ADAPTER_OUTTYPE, "--outfile", str(part), str(adapter_dir)]
+        run_converter("convert_lora_to_gguf.py", args, "converting the adapter to GGUF", progress)
     return out_file
 
 
@@ -230,51 +117,23 @@ def merged_to_gguf(
     merged_dir, out_file = Path(merged_dir), Path(out_file)
     _check_hf_dir(merged_dir, "merged model")
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    part = out_file.with_name(out_file.name + ".part")
-    converted = out_file.with_name(out_file.name + ".converted.part")
-    args = [str(merged_dir), "--outtype", outtype, "--outfile", str(converted if tokenizer_from else part)]
-    try:
-        _run_converter("convert_hf_to_gguf.py", args, "converting the merged model to GGUF", progress)
-        if tokenizer_from:
-            script = ["-c", _COPY_TOKENIZER, str(converted), str(tokenizer_from), str(part)]
-            _run_python(script, f"copying the tokenizer of {Path(tokenizer_from).name}")
-        part.rename(out_file)
-    finally:
-        part.unlink(missing_ok=True)
-        converted.unlink(missing_ok=True)
+    with files.replacing(out_file) as part:
+        if not tokenizer_from:
+            _convert_hf(merged_dir, outtype, part, progress)
+            return out_file
+        converted = out_file.with_name(out_file.name + ".converted.part")  # the converter's own tokenizer
+        try:
+            _convert_hf(merged_dir, outtype, converted, progress)
+            copy = ["-m", "core.gguf_tokenizer", str(converted), str(tokenizer_from), str(part)]
+            run_python(copy, f"copying the tokenizer of {Path(tokenizer_from).name}")
+        finally:
+            converted.unlink(missing_ok=True)
     return out_file
 
 
-# Runs with the vendored gguf package: the GGUF argv[1] with every tokenizer.* entry taken from argv[2].
-_COPY_TOKENIZER = """
-import sys
-import gguf
-
-source, vocab, out = (gguf.GGUFReader(sys.argv[1]), gguf.GGUFReader(sys.argv[2]), sys.argv[3])
-def count(reader):
-    return len(reader.get_field("tokenizer.ggml.tokens").data)
-if count(source) != count(vocab):
-    sys.exit(f"ERROR: the vocabularies differ ({count(source)} vs {count(vocab)} tokens)")
-writer = gguf.GGUFWriter(out, arch=source.get_field("general.architecture").contents(), endianess=source.endianess)
-def copy(field):
-    kind = field.types[0]
-    sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-    writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-for field in source.fields.values():
-    if not field.name.startswith(("GGUF.", "general.architecture", "tokenizer.")):
-        copy(field)
-for field in vocab.fields.values():
-    if field.name.startswith("tokenizer."):
-        copy(field)
-for tensor in source.tensors:
-    writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
-writer.write_header_to_file()
-writer.write_kv_data_to_file()
-writer.write_ti_data_to_file()
-for tensor in source.tensors:
-    writer.write_tensor_data(tensor.data, tensor_endianess=source.endianess)
-writer.close()
-"""
+def _convert_hf(merged_dir: Path, outtype: str, out_file: Path, progress: Progress) -> None:
+    args = [str(merged_dir), "--outtype", outtype, "--outfile", str(out_file)]
+    run_converter("convert_hf_to_gguf.py", args, "converting the merged model to GGUF", progress)
 
 
 # ---- Ollama ----------------------------------------------------------------------------------
@@ -334,47 +193,47 @@ def ollama_model_name(train_dir: Path) -> str:
     return name or "qa-tuned"
 
 
-# ---- the export folder -----------------------------------------------------------------------
+# ---- the package: <train_dir>/export/ ---------------------------------------------------------
 
 
-def export_training(
+def package_training(
     train_dir: Path,
     params: DecodingParams | None = None,
     merged: bool = True,
     progress: Progress = print,
     keep_merged_hf: bool = False,
-) -> ExportResult:
+) -> PackageResult:
     """Write <train_dir>/export/ step by step, skipping every step whose output is already there.
 
     params: the decoding the Modelfile carries (default greedy, as evaluation's default).
     merged: also merge into the base and write the Q8_0 GGUF, Modelfile and ollama-create.txt.
     keep_merged_hf: keep the merged Hugging Face checkpoint (export/merged-hf/, as big as the base).
     """
-    train_dir = Path(train_dir)
-    config = _train_config(train_dir)
+    train_dir, run = Path(train_dir), TrainDir(train_dir)
+    config = run.settings()
     base = Path(config["resolved_model"])
-    out = train_dir / "export"
+    out = run.export
     out.mkdir(exist_ok=True)
     params = params or DecodingParams(temperature=0.0)
 
     adapter = out / "adapter"
     if not adapter.exists():
         progress("copying the PEFT adapter ...")
-        _copy_tree(train_dir / "adapter", adapter)
-    for name in ("train_config.json", "metrics.json"):
-        if (train_dir / name).exists() and not (out / name).exists():
-            _copy_file(train_dir / name, out / name)
+        _copy_tree(run.adapter, adapter)
+    for source in (run.train_config, run.metrics):
+        if source.exists() and not (out / source.name).exists():
+            _copy_file(source, out / source.name)
 
-    adapter_gguf = out / "adapter.gguf"
+    adapter_gguf = run.gguf_adapter
     if not adapter_gguf.exists():
         progress("converting the adapter to GGUF ...")
-        adapter_to_gguf(train_dir / "adapter", base, adapter_gguf, progress)
+        adapter_to_gguf(run.adapter, base, adapter_gguf, progress)
 
     merged_gguf = modelfile = command = None
     if merged:
         merged_gguf = out / f"merged-{MERGED_OUTTYPE}.gguf"
         if not merged_gguf.exists():
-            _merge_to_gguf(train_dir / "adapter", base, merged_gguf, keep_merged_hf, progress)
+            _merge_to_gguf(run.adapter, base, merged_gguf, keep_merged_hf, progress)
         stop = stop_sequences(config["prompt_template"])
         modelfile = write_modelfile(out, merged_gguf.name, config["prompt_template"], params, stop)
         command = ollama_create_command(ollama_model_name(train_dir), out)
@@ -382,7 +241,7 @@ def export_training(
     readme = out / "README.txt"
     _write_if_changed(readme, readme_text(train_dir, config))
     progress(f"export ready in {out}")
-    return ExportResult(out, adapter, adapter_gguf, merged_gguf, modelfile, command, readme)
+    return PackageResult(out, adapter, adapter_gguf, merged_gguf, modelfile, command, readme)
 
 
 def _merge_to_gguf(adapter: Path, base: Path, target: Path, keep_hf: bool, progress: Progress) -> None:
@@ -403,13 +262,6 @@ def _embedded_gguf_for(base: Path) -> Path | None:
     return None
 
 
-def _train_config(train_dir: Path) -> dict:
-    config_file = train_dir / "train_config.json"
-    if not (train_dir / "adapter" / "adapter_config.json").exists() or not config_file.exists():
-        raise NotFound(f"{train_dir} is not a finished training run (no adapter/ and train_config.json)")
-    return json.loads(config_file.read_text())
-
-
 FILE_NOTES = {
     "adapter": "the LoRA adapter in PEFT format: PeftModel.from_pretrained(base_model, 'adapter')",
     "adapter.gguf": "the same adapter as GGUF (f32) for llama.cpp, applied to its base model's GGUF",
@@ -423,7 +275,7 @@ FILE_NOTES = {
 
 def readme_text(train_dir: Path, config: dict) -> str:
     """What each file of <train_dir>/export/ is, and how to load it (only the files that are there)."""
-    out = train_dir / "export"
+    out = TrainDir(train_dir).export
     names = [name for name in FILE_NOTES if (out / name).exists()]
     width = max(map(len, names))
     base_gguf = str(_embedded_gguf_for(Path(config["resolved_model"])) or "<the base model's GGUF>")
@@ -451,27 +303,25 @@ def readme_text(train_dir: Path, config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def zip_export(train_dir: Path) -> Path:
+def zip_package(train_dir: Path) -> Path:
     """<train_dir>/<name>-export.zip of the export folder (without a kept merged-hf/ checkpoint), made
     again only when a file in it changed."""
     train_dir = Path(train_dir)
-    source = train_dir / "export"
+    source = TrainDir(train_dir).export
     if not source.is_dir():
         raise NotFound(f"{train_dir} has not been exported yet (no export/ folder)")
     target = train_dir / f"{train_dir.name}-export.zip"
-    files = sorted(
+    members = sorted(
         p for p in source.rglob("*") if p.is_file() and not p.name.endswith(".part") and "merged-hf" not in p.parts
     )
-    newest = max([source.stat().st_mtime, *(p.stat().st_mtime for p in files)])
+    newest = max([source.stat().st_mtime, *(p.stat().st_mtime for p in members)])
     if target.exists() and target.stat().st_mtime >= newest:
         return target
-    part = target.with_name(target.name + ".part")
-    with zipfile.ZipFile(part, "w") as archive:
-        for path in files:
+    with files.replacing(target) as part, zipfile.ZipFile(part, "w") as archive:
+        for path in members:
             # Quantized weights barely compress; deflating 300 MB would cost ten seconds for nothing.
             compression = zipfile.ZIP_STORED if path.suffix == ".gguf" else zipfile.ZIP_DEFLATED
             archive.write(path, f"{train_dir.name}/{path.relative_to(source)}", compress_type=compression)
-    part.rename(target)
     return target
 
 
@@ -479,22 +329,17 @@ def zip_export(train_dir: Path) -> Path:
 
 
 def _copy_tree(source: Path, target: Path) -> None:
-    part = target.with_name(target.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    shutil.copytree(source, part)
-    part.rename(target)
+    with files.replacing(target) as part:
+        shutil.copytree(source, part)
 
 
 def _copy_file(source: Path, target: Path) -> None:
-    part = target.with_name(target.name + ".part")
-    shutil.copy2(source, part)
-    part.rename(target)
+    with files.replacing(target) as part:
+        shutil.copy2(source, part)
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    """Write only new content, so a repeated export leaves the file (and its mtime) alone."""
+    """Write only new content, so a repeated packaging leaves the file (and its mtime) alone."""
     if path.exists() and path.read_text() == text:
         return
-    part = path.with_name(path.name + ".part")
-    part.write_text(text)
-    part.replace(path)
+    files.write_text(path, text)
