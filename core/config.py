@@ -1,4 +1,4 @@
-"""One convention for every configuration dataclass: fields declared with `option`, read with `from_dict`, checked by `check`.
+"""One convention for every configuration dataclass: `option` fields, a strict `from_dict`, `check` on construction.
 
 A field's metadata (help text, choices, range) is the single description of a setting: the CLI builds
 its flags from it (`workbench.cli`), the pages build their widgets from it (`workbench.forms`), and
@@ -40,7 +40,7 @@ def option(
     """A configuration field. `flag` names its CLI flag when it is not --field-name; `cli=False` keeps it off the CLI
     (set by the workbench itself, e.g. a search's split id). A list, dict or Config default is copied per instance."""
     metadata = {"help": help, "choices": choices, "min": min, "max": max, "flag": flag, "cli": cli}
-    if isinstance(default, list | dict | set) or isinstance(default, Config):
+    if isinstance(default, list | dict | set | Config):
         return field(default_factory=functools.partial(_copy, default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
@@ -109,15 +109,24 @@ def _plain(value: Any) -> Any:
     return asdict(value) if hasattr(value, "__dataclass_fields__") else value
 
 
-@functools.cache
+# specs() per class, computed once. A plain dict, not functools.cache: mypy cannot see that a class is hashable.
+_SPECS: dict[type, tuple[FieldSpec, ...]] = {}
+
+
 def specs(cls: type) -> tuple[FieldSpec, ...]:
     """The fields of a configuration class, with their resolved types and metadata."""
+    if cls in _SPECS:
+        return _SPECS[cls]
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
         kind, optional = _kind(hints[f.name])
         meta = f.metadata
-        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else MISSING)
+        default = (
+            f.default
+            if f.default is not MISSING
+            else (f.default_factory() if f.default_factory is not MISSING else MISSING)
+        )
         out.append(
             FieldSpec(
                 name=f.name,
@@ -132,7 +141,8 @@ def specs(cls: type) -> tuple[FieldSpec, ...]:
                 cli=meta.get("cli", True),
             )
         )
-    return tuple(out)
+    _SPECS[cls] = tuple(out)
+    return _SPECS[cls]
 
 
 def spec(cls: type, name: str) -> FieldSpec:
@@ -179,7 +189,9 @@ def _check_value(spec: FieldSpec, value: Any) -> None:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             if lo is not None and hi is not None:
                 raise BadInput(f"{spec.name}={value} is outside {lo}..{hi}")
-            raise BadInput(f"{spec.name} must be {'at least' if hi is None else 'at most'} {lo if hi is None else hi}, got {value}")
+            raise BadInput(
+                f"{spec.name} must be {'at least' if hi is None else 'at most'} {lo if hi is None else hi}, got {value}"
+            )
     elif spec.kind is bool and not isinstance(value, bool):
         raise BadInput(f"{spec.name} must be true or false, got {value!r}")
     elif spec.kind is str and not isinstance(value, str):

@@ -4,8 +4,8 @@ Every change here is one store transaction: an import lands whole or not at all,
 pair's edits keep their history. Files are parsed by core.formats; this module never
 reads a file format itself.
 
-Quality flags are derived after an import has landed: a failure there (no scorer model, no
-memory) leaves the pairs imported and reported with their flags pending, never half-undone.
+Quality flags are derived after an import has landed, by core.intake (which composes this
+module with core.quality, so that this one never imports core.quality, which imports it).
 Each import remembers its content's hash in the pairs' provenance, so the same file imported
 again into the same dataset adds nothing (a retry never doubles a dataset).
 
@@ -18,22 +18,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import random
 import re
 from collections import defaultdict
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-from core import formats
-from core.errors import BadInput, Conflict, NotFound, WorkbenchError
+from core import files, formats
+from core.errors import BadInput, Conflict, NotFound
 from core.store import Store, now
-
-log = logging.getLogger(__name__)
 
 STATUSES = ("pending", "accepted", "rejected")
 PARTS = ("train", "validation", "test")
+PART_CHOICES = (*PARTS, "all")  # what a run, a sweep or a training may ask: one part, or every pair
 # Defaults for small datasets: the validation part is what choices (a decoding configuration, a trial, a
 # checkpoint) are made on, so that the test part is only reported on.
 DEFAULT_TEST_SIZE = 0.2
@@ -44,14 +42,14 @@ STARTER_FILE = Path(__file__).resolve().parent.parent / "data" / "research_qa.cs
 
 
 @dataclass(frozen=True)
-class ImportSummary:
+class Added:
+    """What adding a file's pairs did (core.intake adds the quality flags' outcome for the import's summary)."""
+
     dataset: str
     path: str
     added: int
     skipped_blank: int
-    status: str
     imported_before: float | None = None  # when the same content was imported into this dataset (then added == 0)
-    flags_pending: str = ""  # why quality flags could not be computed ("" when they were)
 
 
 @dataclass(frozen=True)
@@ -163,9 +161,11 @@ def _ensure_dataset(store: Store, name: str, source: str) -> int:
     if row:
         return row["id"]
     _check_name(name)
-    return store.execute(
+    new_id = store.execute(
         "INSERT INTO datasets (name, source, created_at) VALUES (?, ?, ?)", (name, source, now())
     ).lastrowid
+    assert new_id is not None  # an INSERT always sets it
+    return new_id
 
 
 def add_pairs(
@@ -199,22 +199,19 @@ def content_hash(rows: list[formats.PairRow]) -> str:
 
 
 def _imported_before(store: Store, dataset: str, digest: str) -> float | None:
-    row = store.one(
+    # An aggregate: always one row (its MIN is NULL when nothing matched).
+    row = store.query(
         "SELECT MIN(p.created_at) AS at FROM pairs p JOIN datasets d ON d.id = p.dataset_id"
         " WHERE d.name = ? AND json_extract(p.provenance, '$.content_sha256') = ?",
         (dataset, digest),
-    )
+    )[0]
     return row["at"]
 
 
-def import_parsed(
-    store: Store, parsed: formats.ParsedFile, dataset: str | None = None, status: str = "accepted"
-) -> ImportSummary:
-    """Add the pairs of a parsed file (see core.formats) to a dataset in one transaction, then flag them.
-
-    The same content imported into the same dataset again adds nothing (`imported_before` says when it
-    came); either way the dataset's flags are recomputed, and a failure there leaves them pending.
-    """
+def add_parsed(store: Store, parsed: formats.ParsedFile, dataset: str | None = None, status: str = "accepted") -> Added:
+    """Add the pairs of a parsed file (see core.formats) to a dataset (named after the file by default),
+    in one transaction. The same content added to the same dataset again adds nothing (`imported_before`
+    says when it came)."""
     name = (dataset or _name_from_file(parsed.path.stem)).strip()
     source = str(parsed.path)
     digest = content_hash(parsed.rows)
@@ -224,55 +221,12 @@ def import_parsed(
         if before is None:
             provenance = {"import": source, "content_sha256": digest}
             added = add_pairs(store, name, parsed.rows, status, source=source, provenance=provenance)
-    return ImportSummary(name, source, added, parsed.skipped_blank, status, before, flag_after_import(store, name))
+    return Added(name, source, added, parsed.skipped_blank, before)
 
 
-def flag_after_import(store: Store, name: str) -> str:
-    """Recompute a dataset's quality flags; "" when done, else why they are pending (the pairs stay).
-
-    Flags are hints derived from the pairs, recomputed from scratch by any later re-flag, so no
-    failure of the flagger (a missing or broken scorer model, memory) may undo or fail an import.
-    """
-    from core import quality  # loads the embedding model only when pairs arrive
-
-    try:
-        quality.flag_dataset(store, name)
-    except Exception as exc:  # any failure leaves the flags pending (see the docstring)
-        # the user gets the reason; the traceback only where logging is set up (never on the CLI's stderr)
-        log.info("quality flags of dataset %r not computed", name, exc_info=True)
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        if isinstance(exc, WorkbenchError):
-            return text
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return ""
-
-
-def describe_import(summary: ImportSummary) -> str:
-    if summary.imported_before is not None:
-        when = datetime.fromtimestamp(summary.imported_before).strftime("%Y-%m-%d %H:%M")
-        return f"{summary.path}: the same pairs were already imported into {summary.dataset!r} on {when}; added none"
-    skipped = summary.skipped_blank
-    blank = f", skipped {skipped} row(s) with a blank question or answer" if skipped else ""
-    return f"imported {summary.added} pair(s) into {summary.dataset!r} as {summary.status}{blank}"
-
-
-def describe_pending_flags(summary: ImportSummary) -> str:
-    """The warning for an import whose flags could not be computed ("" when they were)."""
-    if not summary.flags_pending:
-        return ""
-    return (
-        f"quality flags of {summary.dataset!r} are pending ({summary.flags_pending}); the pairs are kept."
-        " Re-flag on the Dataset page (Quality flags) or import the same file again once that is fixed"
-    )
-
-
-def import_file(store: Store, path: str | Path, dataset: str | None = None, status: str = "accepted") -> ImportSummary:
-    """Parse a CSV/JSON/JSONL file and add its pairs; a bad file changes nothing."""
-    return import_parsed(store, formats.read_pairs(path), dataset, status)
-
-
-def ensure_starter(store: Store) -> ImportSummary | None:
-    """Import the shipped starter dataset on a workspace's first run (never again, even if deleted).
+def add_starter(store: Store) -> Added | None:
+    """Add the shipped starter dataset on a workspace's first run (never again, even if deleted); None
+    when it was added before.
 
     It arrives split 70/10/20 train/validation/test (seed 42), so a first sweep or training run needs no setup.
     """
@@ -292,9 +246,7 @@ def ensure_starter(store: Store) -> ImportSummary | None:
         )
         store.set_setting("starter_imported", True)
         make_split(store, STARTER_NAME)
-    # after the commit: loading the embedding model must not hold the write lock
-    pending = flag_after_import(store, STARTER_NAME)
-    return ImportSummary(STARTER_NAME, str(STARTER_FILE), added, parsed.skipped_blank, "accepted", None, pending)
+    return Added(STARTER_NAME, str(STARTER_FILE), added, parsed.skipped_blank)
 
 
 REVIEW_COLUMNS = "id, question, answer, field, status, flags, duplicate_of, duplicate_score, version, updated_at"
@@ -314,7 +266,8 @@ def pairs_frame(
     """
     import pandas as pd
 
-    where, args = ["dataset_id = ?"], [dataset_id(store, dataset)]
+    where = ["dataset_id = ?"]
+    args: list[int | str] = [dataset_id(store, dataset)]
     if statuses is not None:
         where.append(f"status IN ({', '.join('?' * len(statuses))})")
         args.extend(statuses)
@@ -354,7 +307,11 @@ def get_pair(store: Store, pair_id: int) -> dict:
 
 
 def next_in_queue(
-    store: Store, dataset: str, skipped: set[int] = frozenset(), field: str | None = None, flag: str | None = None
+    store: Store,
+    dataset: str,
+    skipped: Collection[int] = frozenset(),
+    field: str | None = None,
+    flag: str | None = None,
 ) -> dict | None:
     """The next pending pair to review (lowest id), leaving out skipped ones."""
     frame = pairs_frame(store, dataset, ["pending"], [field] if field else None, flag)
@@ -375,7 +332,7 @@ class Change:
     pair_ids: list[int]
 
 
-def _check_changes(changes: dict[str, str | None]) -> dict[str, str]:
+def _check_changes(changes: Mapping[str, str | None]) -> dict[str, str]:
     """The changes as stored: a cleared field becomes "", a cleared question or answer is refused."""
     if unknown := set(changes) - set(EDITABLE):
         raise BadInput(f"cannot change {', '.join(sorted(unknown))} of a pair")
@@ -456,7 +413,7 @@ def update_pair(store: Store, pair_id: int, expected_version: int | None = None,
     """Change question/answer/field/status of one pair (see update_pairs); returns its new version."""
     expected = {pair_id: expected_version} if expected_version is not None else None
     update_pairs(store, {pair_id: changes}, expected)
-    row = store.one("SELECT version FROM pairs WHERE id = ?", (pair_id,))
+    row = store.one_or_raise("SELECT version FROM pairs WHERE id = ?", (pair_id,), f"no pair with id {pair_id}")
     return row["version"]
 
 
@@ -558,6 +515,7 @@ def make_split(
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (ds, version, seed, test_size, validation_size, int(len(by_field) > 1), now()),
         ).lastrowid
+        assert split_id is not None  # an INSERT always sets it
         conn.executemany(
             "INSERT INTO split_members (split_id, pair_id, part) VALUES (?, ?, ?)",
             [(split_id, r["id"], part_of.get(r["id"], "train")) for r in rows],
@@ -649,7 +607,7 @@ def select_pairs(
     store: Store, dataset: str, part: str = "all", status: str = "accepted", split_id: int | None = None
 ) -> list[StoredPair]:
     """Pairs of a dataset, optionally only one part of a split (the latest unless given)."""
-    if part not in ("all", *PARTS):
+    if part not in PART_CHOICES:
         raise BadInput(f"split part must be train, validation, test or all, got {part!r}")
     if status not in ("all", *STATUSES):
         raise BadInput(f"status must be accepted, pending, rejected or all, got {status!r}")
@@ -674,13 +632,8 @@ def select_pairs(
 
 def pairs_by_id(store: Store, ids: list[int]) -> list[StoredPair]:
     """The given pairs, in the given order (pairs deleted since are left out)."""
-    found: dict[int, StoredPair] = {}
-    for start in range(0, len(ids), 500):  # SQLite's limit on bound variables
-        chunk = ids[start : start + 500]
-        rows = store.query(
-            f"SELECT id, question, answer, field FROM pairs WHERE id IN ({','.join('?' * len(chunk))})", tuple(chunk)
-        )
-        found.update((r["id"], StoredPair(r["id"], r["question"], r["answer"], r["field"])) for r in rows)
+    rows = store.query_in("SELECT id, question, answer, field FROM pairs WHERE id IN ({ids})", ids)
+    found = {r["id"]: StoredPair(r["id"], r["question"], r["answer"], r["field"]) for r in rows}
     return [found[i] for i in ids if i in found]
 
 
@@ -704,10 +657,11 @@ def export_text(store: Store, dataset: str, fmt: str = "jsonl", part: str = "all
 def export_pairs(
     store: Store, dataset: str, path: str | Path, fmt: str = "jsonl", part: str = "all", status: str = "accepted"
 ) -> int:
-    """Write pairs to a JSONL or CSV file at `path` (and nowhere else); returns how many were written."""
+    """Write pairs to a JSONL or CSV file at `path` (beside it first, then renamed: never half a file);
+    returns how many were written."""
     rows = _export_rows(store, dataset, fmt, part, status)
     target = Path(path)
     if not target.parent.is_dir():
         raise BadInput(f"{target}: folder {target.parent} does not exist")
-    with target.open("w", encoding="utf-8", newline="") as f:
+    with files.replacing(target) as partial, partial.open("w", encoding="utf-8", newline="") as f:
         return formats.dump_pairs(rows, fmt, f)

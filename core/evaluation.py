@@ -16,48 +16,43 @@ from the GGUF adapter, which is converted into its export folder when first need
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from core import generation, jobs, models, runs, scoring
+from core import generation, jobs, models, runs, scoring, settings
+from core.config import Config, option
+from core.dataset import PART_CHOICES
 from core.decoding import DecodingParams
 from core.errors import BackendError, BadInput
 from core.jobs import JobContext, JobPaused
 from core.store import Store
+from core.train_dir import TrainDir
 
 ENGINES = ("llamacpp", "transformers")
 RUN_KIND = "finetuned"
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    train_dir: str = field(metadata={"help": "training output folder (it holds adapter/ and train_config.json)"})
-    backend: str = field(
-        default="llamacpp",
-        metadata={"help": "llamacpp: base GGUF + GGUF adapter (fast); transformers: base checkpoint + PEFT adapter"},
-    )
-    baseline_run: int | None = field(
-        default=None, metadata={"help": "copy the decoding parameters of this run; empty: greedy decoding"}
-    )
-    part: str = field(default="test", metadata={"help": "which part of the split to answer"})
-    split_id: int | None = field(
-        default=None,
-        metadata={"help": "the split (by id) to answer a part of; empty: the one the adapter was trained on"},
-    )
-    limit: int | None = field(default=None, metadata={"help": "answer only the first N questions"})
-    base_gguf: str = field(
-        default="", metadata={"help": "base model as GGUF for llamacpp; empty: the embedded GGUF (embedded base only)"}
-    )
-    scorer_model: str = field(default="", metadata={"help": "BERTScore model; empty uses the embedded MiniLM"})
+class EvalConfig(Config):
+    what = "evaluation setting"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+    train_dir: str = option(help="training output folder (it holds adapter/ and train_config.json)", flag="--adapter")
+    backend: str = option(
+        "llamacpp",
+        help="llamacpp: base GGUF + GGUF adapter (fast); transformers: base checkpoint + PEFT adapter",
+        choices=ENGINES,
+    )
+    baseline_run: int | None = option(None, help="copy the decoding parameters of this run; empty: greedy decoding")
+    part: str = option("test", help="which part of the split to answer", choices=PART_CHOICES, flag="--split")
+    split_id: int | None = option(
+        None, help="the split (by id) to answer a part of; empty: the one the adapter was trained on"
+    )
+    limit: int | None = option(None, help="answer only the first N questions", min=1)
+    base_gguf: str = option("", help="base model as GGUF for llamacpp; empty: the embedded GGUF (embedded base only)")
+    scorer_model: str = option(
+        "", help="BERTScore model; empty: the Settings' scorer model, else the embedded MiniLM", flag="--scorer"
+    )
 
     @property
     def scorer(self) -> scoring.ScorerConfig:
@@ -66,24 +61,20 @@ class EvalConfig:
 
 def train_settings(train_dir: str | Path) -> dict[str, Any]:
     """The settings a training output folder was made with (its train_config.json)."""
-    path = Path(train_dir)
-    if (path / "adapter_config.json").exists() and (path.parent / "train_config.json").exists():
-        path = path.parent  # the adapter folder itself was given
-    config_file = path / "train_config.json"
-    if not (path / "adapter" / "adapter_config.json").exists() or not config_file.exists():
-        raise BadInput(f"{path} is not a finished training run (no adapter/ and train_config.json)")
-    return {**json.loads(config_file.read_text()), "train_dir": str(path)}
+    folder = TrainDir.holding(train_dir)  # the adapter folder itself may be given
+    return {**folder.settings(BadInput), "train_dir": str(folder.root)}
 
 
 def gguf_adapter_path(train_dir: str | Path) -> Path:
-    return Path(train_dir) / "export" / "adapter.gguf"
+    return TrainDir(train_dir).gguf_adapter
 
 
-def _base_gguf(config: EvalConfig, trained: dict[str, Any]) -> str:
+def _base_gguf(store: Store, config: EvalConfig, trained: dict[str, Any]) -> str:
     if config.base_gguf:
         return config.base_gguf
     if models.is_embedded_checkpoint(trained["resolved_model"]):
-        return str(models.gguf_path())
+        # Named, so that a Settings GGUF never stands in: an adapter runs on the base it was trained on.
+        return settings.resolve_generator(store, "llamacpp", models.EMBEDDED_GENERATOR)
     raise BadInput(
         "the adapter was trained on a model other than the embedded one: give its GGUF as base_gguf, "
         "or evaluate with the transformers engine"
@@ -102,15 +93,17 @@ def _prepare_eval(
     """Check everything and hash the base model (slow) before anything is written; refuses bad settings."""
     if config.backend not in ENGINES:
         raise BadInput(f"evaluation engine must be one of {', '.join(ENGINES)}, got {config.backend!r}")
+    # Recorded with the run, so that a resumed job scores with the scorer its stamp names, whatever Settings say then.
+    config = replace(config, scorer_model=settings.resolve_scorer(store, config.scorer_model))
     trained = train_settings(config.train_dir)
     train_dir = Path(trained["train_dir"])
     # The split the adapter was trained on: the latest split's test part may hold pairs it was trained on. A
     # folder trained before runs recorded their split has none: the latest split, as then.
     split_id = config.split_id if config.split_id is not None else trained.get("split_id")
     if config.backend == "llamacpp":
-        model, adapter = _base_gguf(config, trained), str(gguf_adapter_path(train_dir))
+        model, adapter = _base_gguf(store, config, trained), str(gguf_adapter_path(train_dir))
     else:
-        model, adapter = trained["resolved_model"], str(train_dir / "adapter")
+        model, adapter = trained["resolved_model"], str(TrainDir(train_dir).adapter)
     spec = runs.RunSpec(
         dataset=trained["dataset"],
         backend=config.backend,
@@ -147,12 +140,12 @@ def ensure_gguf_adapter(run: runs.Run, log=print) -> None:
     """Convert the PEFT adapter to GGUF for llama.cpp when the run needs it and it is not there yet."""
     if run.backend != "llamacpp" or Path(run.adapter).exists():
         return
-    from core import export
+    from core import packaging
 
     train_dir = Path(run.adapter).parent.parent
     trained = train_settings(train_dir)
     log("converting the adapter to GGUF for llama.cpp ...")
-    export.adapter_to_gguf(train_dir / "adapter", Path(trained["resolved_model"]), Path(run.adapter))
+    packaging.adapter_to_gguf(TrainDir(train_dir).adapter, Path(trained["resolved_model"]), Path(run.adapter))
 
 
 def evaluate_run(ctx: JobContext, run: runs.Run) -> float:

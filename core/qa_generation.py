@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
-from core import dataset, formats, runs
-from core.backends import make_backend
+from core import dataset, formats, settings
+from core.backends import USER_BACKENDS
+from core.config import Config, option
 from core.decoding import DecodingParams
 from core.errors import BackendError, BadInput
 from core.jobs import JobContext, JobPaused
@@ -29,29 +30,32 @@ DEFAULT_ANSWER_PROMPT = "Question: {question}\nAnswer:"
 
 
 @dataclass(frozen=True)
-class QAGenerationConfig:
-    dataset: str = field(metadata={"help": "dataset the pending pairs go to (created if new)"})
-    topics: list[str] = field(metadata={"help": "research fields or topics, e.g. 'nlp; systems; hci'"})
-    n: int = field(default=10, metadata={"help": "number of pairs to generate"})
-    backend: str = field(
-        default="llamacpp", metadata={"help": "backend that generates (llamacpp, transformers, ollama)"}
-    )
-    model: str = field(default="", metadata={"help": "model name or path; empty uses the embedded model"})
-    question_prompt: str = field(
-        default=DEFAULT_QUESTION_PROMPT, metadata={"help": "prompt asking for one question; must contain {topic}"}
-    )
-    answer_prompt: str = field(
-        default=DEFAULT_ANSWER_PROMPT, metadata={"help": "prompt asking for the answer; must contain {question}"}
-    )
-    question_params: DecodingParams = field(
-        default_factory=lambda: DecodingParams(temperature=0.9, top_p=0.95, max_tokens=48, repeat_penalty=1.1)
-    )
-    answer_params: DecodingParams = field(
-        default_factory=lambda: DecodingParams(temperature=0.7, top_p=0.9, max_tokens=160, repeat_penalty=1.15)
-    )
-    min_answer_words: int = field(default=8, metadata={"help": "shorter answers are dropped"})
+class QAGenerationConfig(Config):
+    what = "QA generation setting"
 
-    def __post_init__(self) -> None:
+    dataset: str = option(help="dataset the pending pairs go to (created if new)")
+    topics: list[str] = option(help="research fields or topics, e.g. 'nlp; systems; hci'")
+    # No range: _check's message says what the number is ("number of pairs"), which the generic one would not.
+    n: int = option(10, help="number of pairs to generate")
+    backend: str = option(
+        "llamacpp", help="backend that generates (llamacpp, transformers, ollama)", choices=(*USER_BACKENDS, "echo")
+    )
+    model: str = option(
+        "", help="model name or path; empty: the Settings' generator for this backend, else the embedded model"
+    )
+    question_prompt: str = option(DEFAULT_QUESTION_PROMPT, help="prompt asking for one question; must contain {topic}")
+    answer_prompt: str = option(DEFAULT_ANSWER_PROMPT, help="prompt asking for the answer; must contain {question}")
+    question_params: DecodingParams = option(
+        DecodingParams(temperature=0.9, top_p=0.95, max_tokens=48, repeat_penalty=1.1),
+        help="decoding parameters for the question prompt (one line, sampled widely for varied questions)",
+    )
+    answer_params: DecodingParams = option(
+        DecodingParams(temperature=0.7, top_p=0.9, max_tokens=160, repeat_penalty=1.15),
+        help="decoding parameters for the answer prompt (an answer that reaches max_tokens is dropped as runaway)",
+    )
+    min_answer_words: int = option(8, help="shorter answers are dropped", min=0)
+
+    def _check(self) -> None:
         if not 1 <= self.n <= 10_000:
             raise BadInput(f"number of pairs must be between 1 and 10000, got {self.n}")
         if not [t for t in self.topics if t.strip()]:
@@ -64,17 +68,6 @@ class QAGenerationConfig:
                 template.format(topic="t", question="q")
             except (KeyError, IndexError, ValueError) as exc:
                 raise BadInput(f"the {name.replace('_', ' ')} has an unknown placeholder: {exc}") from None
-
-    def to_params(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_params(cls, values: dict) -> QAGenerationConfig:
-        values = dict(values)
-        for key in ("question_params", "answer_params"):
-            if isinstance(values.get(key), dict):
-                values[key] = DecodingParams.from_dict(values[key])
-        return cls(**values)
 
 
 def parse_topics(text: str) -> list[str]:
@@ -114,13 +107,13 @@ def submit(store, config: QAGenerationConfig) -> int:
     from core import jobs
 
     dataset.check_target(store, config.dataset)  # refuse a bad name now, not after generating
-    runs.resolve_model(store, config.backend, config.model)  # refuse a missing model before starting
-    return jobs.submit(store, "generate-qa", config.to_params())
+    settings.resolve_generator(store, config.backend, config.model)  # refuse a missing model before starting
+    return jobs.submit(store, "generate-qa", config.to_dict())
 
 
 def generate_pairs(ctx: JobContext, config: QAGenerationConfig) -> None:
     store = ctx.store
-    model = runs.resolve_model(store, config.backend, config.model)
+    model = settings.resolve_generator(store, config.backend, config.model)
     provenance = {
         "job_id": ctx.job_id,
         "backend": config.backend,
@@ -130,21 +123,16 @@ def generate_pairs(ctx: JobContext, config: QAGenerationConfig) -> None:
         "question_params": config.question_params.to_dict(),
         "answer_params": config.answer_params.to_dict(),
     }
-    made = store.one("SELECT COUNT(*) FROM pairs WHERE json_extract(provenance, '$.job_id') = ?", (ctx.job_id,))[0]
+    made = store.query("SELECT COUNT(*) FROM pairs WHERE json_extract(provenance, '$.job_id') = ?", (ctx.job_id,))[0][0]
     names = dataset.list_datasets(store)
     seen = set()
     if config.dataset in names:
         seen = {_normalise(q) for q in dataset.pairs_frame(store, config.dataset)["question"]}
     dropped: Counter[str] = Counter(ctx.figures().get("dropped", {}))
     topics = [t.strip() for t in config.topics if t.strip()]
-    options = {}
-    if config.backend == "ollama":
-        from core import settings
-
-        options["host"] = settings.load(store).effective_ollama_host
     ctx.progress(made, config.n, f"{made}/{config.n} pairs")
     try:
-        backend = make_backend(config.backend, model, **options)
+        backend = settings.backend_for(store, config.backend, model)
         attempts, max_attempts = 0, 5 * (config.n - made) + 10
         while made < config.n and attempts < max_attempts:
             ctx.check_cancel()
@@ -171,6 +159,7 @@ def generate_pairs(ctx: JobContext, config: QAGenerationConfig) -> None:
                 ctx.log(f"dropped ({reason}): {(question or reply[0])[:120]!r}")
                 ctx.progress(made, config.n, dropped=dict(dropped))
                 continue
+            assert question is not None  # a reply without one was dropped above
             dataset.add_pairs(
                 store,
                 config.dataset,
@@ -201,4 +190,4 @@ def generate_pairs(ctx: JobContext, config: QAGenerationConfig) -> None:
 
 
 def run_generate_qa_job(ctx: JobContext) -> None:
-    generate_pairs(ctx, QAGenerationConfig.from_params(ctx.params))
+    generate_pairs(ctx, QAGenerationConfig.from_dict(ctx.params))

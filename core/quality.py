@@ -17,11 +17,11 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
+from core.config import Config, option
 from core.dataset import dataset_id
 from core.errors import BadInput
 from core.store import Store
@@ -42,34 +42,27 @@ EMBED_BATCH = 64
 MAX_SEQ_LENGTH = 256  # all-MiniLM-L6-v2's sentence_bert_config.json; longer texts are truncated
 
 
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
-class QualityConfig:
+class QualityConfig(Config):
+    what = "quality setting"
+
     # 0.67 measured on tests/fixtures/near_duplicates.csv: best F1 (0.80; precision 0.875, recall 0.74) of
     # the thresholds that flag none of the 117 distinct starter questions (their closest pair scores 0.652).
-    duplicate_threshold: float = _option(
+    # The bounds are _check's: a share is above 0, which a range (its ends included) cannot say.
+    duplicate_threshold: float = option(
         0.67,
-        "Flag a question as a near-duplicate when the cosine similarity of its embedding with an earlier"
+        help="Flag a question as a near-duplicate when the cosine similarity of its embedding with an earlier"
         " question's reaches this value (0-1; higher flags fewer).",
     )
-    min_answer_words: int = _option(12, "Flag answers with fewer words than this.")
-    max_answer_words: int = _option(250, "Flag answers with more words than this.")
-    repeat_overlap: float = _option(
+    min_answer_words: int = option(12, help="Flag answers with fewer words than this.")
+    max_answer_words: int = option(250, help="Flag answers with more words than this.")
+    repeat_overlap: float = option(
         0.8,
-        "Flag an answer whose first sentence restates the question: at least this share of the question's"
+        help="Flag an answer whose first sentence restates the question: at least this share of the question's"
         " content words appear in it verbatim, and they make up at least this share of its content words.",
     )
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise BadInput(f"{f.name} must be a number, got {value!r}")
-            if f.type == "int" and int(value) != value:
-                raise BadInput(f"{f.name} must be a whole number, got {value!r}")
+    def _check(self) -> None:
         for name in ("duplicate_threshold", "repeat_overlap"):
             if not 0 < getattr(self, name) <= 1:
                 raise BadInput(f"{name} must be above 0 and at most 1, got {getattr(self, name)}")
@@ -79,17 +72,6 @@ class QualityConfig:
             raise BadInput(
                 f"min_answer_words ({self.min_answer_words}) must be below max_answer_words ({self.max_answer_words})"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> QualityConfig:
-        if not isinstance(values, dict):
-            raise BadInput(f"a quality configuration must be a mapping, got {type(values).__name__}")
-        if unknown := set(values) - {f.name for f in fields(cls)}:
-            raise BadInput(f"unknown quality setting(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
 
 
 def save_config(store: Store, config: QualityConfig) -> None:
@@ -237,15 +219,12 @@ def _encode(texts: list[str]) -> np.ndarray:
 def embed(store: Store, texts: list[str]) -> np.ndarray:
     """L2-normalised MiniLM embeddings, shape (len(texts), 384), float32; computed once per text ever."""
     hashes = [text_hash(t) for t in texts]
-    known: dict[str, np.ndarray] = {}
-    unique = list(dict.fromkeys(hashes))
-    for start in range(0, len(unique), 500):  # stay well under SQLite's limit on bound variables
-        chunk = unique[start : start + 500]
-        rows = store.query(
-            f"SELECT text_hash, vector FROM embeddings WHERE model = ? AND text_hash IN ({','.join('?' * len(chunk))})",
-            (EMBED_MODEL, *chunk),
-        )
-        known.update((r["text_hash"], np.frombuffer(r["vector"], dtype=np.float32)) for r in rows)
+    rows = store.query_in(
+        "SELECT text_hash, vector FROM embeddings WHERE model = ? AND text_hash IN ({ids})",
+        list(dict.fromkeys(hashes)),
+        before=(EMBED_MODEL,),
+    )
+    known = {r["text_hash"]: np.frombuffer(r["vector"], dtype=np.float32) for r in rows}
     missing = {h: t for h, t in zip(hashes, texts) if h not in known}
     if missing:
         vectors = _encode(list(missing.values()))
@@ -266,7 +245,7 @@ def near_duplicates(vectors: np.ndarray, threshold: float, block: int = 1024) ->
     Rows are compared in blocks of `block` rows against all earlier rows, so memory stays at
     block x n similarities (about 40 MB for 10,000 rows) instead of n x n.
     """
-    v = np.asarray(vectors, dtype=np.float32)
+    v: np.ndarray = np.asarray(vectors, dtype=np.float32)
     if v.ndim != 2:
         raise ValueError(f"vectors must be a 2-D array, got shape {v.shape}")
     norms = np.linalg.norm(v, axis=1, keepdims=True)

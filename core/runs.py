@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from core import dataset as ds
-from core import models, settings
+from core import settings
 from core.decoding import DecodingParams
 from core.errors import BadInput, NotFound
 from core.prompting import DEFAULT_TEMPLATE, check_template
-from core.store import Store, now
+from core.store import Store, from_row, now
 
 
 @dataclass(frozen=True)
@@ -104,15 +104,6 @@ def model_fingerprint(store: Store, model: str) -> str:
     return value
 
 
-def resolve_model(store: Store, backend: str, model: str) -> str:
-    """The model a run will really use, recorded in full (a path for the embedded engines)."""
-    if backend in ("llamacpp", "transformers"):
-        return models.resolve_generator(model or settings.default_generator(store, backend), backend)
-    if backend == "ollama" and not model:
-        raise BadInput("the ollama backend needs a model name (e.g. llama2:7b)")
-    return model or backend
-
-
 def check_spec(store: Store, spec: RunSpec) -> tuple[str, ds.SplitInfo | None]:
     """Refuse a run that cannot work (before anything is written); returns its model and split."""
     check_template(spec.prompt_template)
@@ -130,7 +121,7 @@ def check_spec(store: Store, spec: RunSpec) -> tuple[str, ds.SplitInfo | None]:
         if spec.part == "validation":
             raise BadInput(ds.no_validation_message(split))
         raise BadInput(f"the {spec.part} part of {spec.dataset!r} split v{split.version} is empty")
-    return resolve_model(store, spec.backend, spec.model), split
+    return settings.resolve_generator(store, spec.backend, spec.model), split
 
 
 def _split_of(store: Store, spec: RunSpec) -> ds.SplitInfo | None:
@@ -198,6 +189,7 @@ def record_run(
                 now(),
             ),
         ).lastrowid
+        assert run_id is not None  # an INSERT always sets it
         freeze_pairs(store, "run", run_id, prepared.pairs)
     return run_id
 
@@ -238,27 +230,7 @@ _RUN_SQL = (
 
 
 def _to_run(row: Any) -> Run:
-    return Run(
-        id=row["id"],
-        kind=row["kind"],
-        label=row["label"],
-        dataset=row["dataset"],
-        split_id=row["split_id"],
-        split_version=row["split_version"],
-        part=row["part"],
-        backend=row["backend"],
-        model=row["model"],
-        model_hash=row["model_hash"],
-        adapter=row["adapter"],
-        params=DecodingParams(**json.loads(row["params"])),
-        prompt_template=row["prompt_template"],
-        config=json.loads(row["config"]),
-        job_id=row["job_id"],
-        created_at=row["created_at"],
-        sweep_id=row["sweep_id"],
-        scorer=row["scorer"],
-        selection=json.loads(row["selection"]),
-    )
+    return from_row(Run, row, ("config", "selection"), params=DecodingParams(**json.loads(row["params"])))
 
 
 def run_exists(store: Store, run_id: int) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import astuple, dataclass, replace
 from importlib.metadata import version
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from core import models, runs
+from core.config import Config, option
 from core.errors import BadInput, NotFound
 from core.quality import text_hash
 from core.store import Store, now
@@ -36,45 +37,29 @@ BASELINE_SEED = 0
 # the cache's state. The rounding moves P/R/F1 by about 1e-5, well inside bert_score's 1e-4.
 STORED_DTYPE = np.float16
 MEMORY_BYTES = 256 << 20  # the in-process LRU of reference embeddings holds at most this much
-_SQL_CHUNK = 500  # ids per IN (...) clause, well under SQLite's limit on bound variables
 SCORE_COLUMNS = ["precision", "recall", "f1", "f1_rescaled", "rouge_l"]
 RUN_COLUMNS = ["pair_id", "repeat", "question", "reference", "answer", *SCORE_COLUMNS]
 
 
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-def _whole(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 @dataclass(frozen=True)
-class ScorerConfig:
-    model: str = _option(
-        "", "BERTScore model: a local folder or hub id (e.g. bert-base-uncased); empty for the embedded MiniLM."
+class ScorerConfig(Config):
+    what = "scorer setting"
+
+    model: str = option(
+        "", help="BERTScore model: a local folder or hub id (e.g. bert-base-uncased); empty for the embedded MiniLM."
     )
-    num_layers: int | None = _option(
+    num_layers: int | None = option(
         None,
-        "Take token embeddings from this layer; empty for the default (6 for the embedded MiniLM, bert_score's"
+        help="Take token embeddings from this layer; empty for the default (6 for the embedded MiniLM, bert_score's"
         " tuned layer for the models it knows, else the model's last layer).",
+        min=0,
     )
-    rescale: bool = _option(
+    rescale: bool = option(
         False,
-        "Also store F1 rescaled against the dataset's own baseline, (F1 - b) / (1 - b), where b is the mean F1"
+        help="Also store F1 rescaled against the dataset's own baseline, (F1 - b) / (1 - b), where b is the mean F1"
         " of mismatched reference answers: 0 = as alike as unrelated answers, 1 = identical.",
     )
-    batch_size: int = _option(64, "Answers embedded per forward pass (and scored per store transaction).")
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, str):
-            raise BadInput(f"model must be a string, got {self.model!r}")
-        if self.num_layers is not None and not _whole(self.num_layers, 0):
-            raise BadInput(f"num_layers must be a whole number of at least 0, or empty; got {self.num_layers!r}")
-        if not isinstance(self.rescale, bool):
-            raise BadInput(f"rescale must be true or false, got {self.rescale!r}")
-        if not _whole(self.batch_size, 1):
-            raise BadInput(f"batch_size must be a whole number of at least 1, got {self.batch_size!r}")
+    batch_size: int = option(64, help="Answers embedded per forward pass (and scored per store transaction).", min=1)
 
 
 @dataclass(frozen=True)
@@ -297,20 +282,18 @@ class Scorer:
         wanted = [t for t in unique if t not in found]
         if store is not None and wanted:
             by_hash = {hashes[t]: t for t in wanted}
-            keys = list(by_hash)
-            for start in range(0, len(keys), _SQL_CHUNK):
-                chunk = keys[start : start + _SQL_CHUNK]
-                rows = store.query(
-                    "SELECT text_hash, n_tokens, dim, embedding FROM reference_embeddings"
-                    f" WHERE scorer = ? AND text_hash IN ({','.join('?' * len(chunk))})",
-                    (self.embedding_stamp, *chunk),
-                )
-                for r in rows:
-                    text = by_hash[r["text_hash"]]
-                    if r["n_tokens"] == len(ids[text]):  # else the model files changed: recompute
-                        emb = np.frombuffer(r["embedding"], dtype=STORED_DTYPE).reshape(r["n_tokens"], r["dim"])
-                        found[text] = emb
-                        _MEMORY.put((self.embedding_stamp, hashes[text]), emb)
+            rows = store.query_in(
+                "SELECT text_hash, n_tokens, dim, embedding FROM reference_embeddings"
+                " WHERE scorer = ? AND text_hash IN ({ids})",
+                list(by_hash),
+                before=(self.embedding_stamp,),
+            )
+            for r in rows:
+                text = by_hash[r["text_hash"]]
+                if r["n_tokens"] == len(ids[text]):  # else the model files changed: recompute
+                    emb = np.frombuffer(r["embedding"], dtype=STORED_DTYPE).reshape(r["n_tokens"], r["dim"])
+                    found[text] = emb
+                    _MEMORY.put((self.embedding_stamp, hashes[text]), emb)
         missing = [t for t in unique if t not in found]
         if missing:
             computed = [e.astype(STORED_DTYPE) for e in self._embed([ids[t] for t in missing])]
@@ -415,7 +398,8 @@ def dataset_baseline(store: Store, dataset_id: int, config: ScorerConfig) -> Bas
         " VALUES (?, ?, ?, ?, ?, ?)",
         (stamp, dataset_id, float(f), float(p), float(r), len(scores)),
     )
-    row = store.one(sql, (stamp, dataset_id))  # another process may have stored its own first
+    # Another process may have stored its own first.
+    row = store.one_or_raise(sql, (stamp, dataset_id), f"no dataset with id {dataset_id}")
     return Baseline(row["precision"], row["recall"], row["f1"], row["n_pairs"])
 
 
@@ -435,14 +419,12 @@ def score_generations(store: Store, generation_ids: list[int], config: ScorerCon
     transaction with INSERT OR IGNORE, so a job killed and resumed never scores one twice.
     """
     stamp = scorer_stamp(config)
-    rows = []
-    for start in range(0, len(generation_ids), _SQL_CHUNK):
-        chunk = generation_ids[start : start + _SQL_CHUNK]
-        rows += store.query(
-            "SELECT g.id, g.answer, rp.reference, r.dataset_id FROM generations g JOIN runs r ON r.id = g.run_id"
-            f" {_FROZEN} WHERE g.id IN ({','.join('?' * len(chunk))}) AND {_UNSCORED} ORDER BY g.id",
-            (*chunk, stamp),
-        )
+    rows = store.query_in(
+        "SELECT g.id, g.answer, rp.reference, r.dataset_id FROM generations g JOIN runs r ON r.id = g.run_id"
+        f" {_FROZEN} WHERE g.id IN ({{ids}}) AND {_UNSCORED} ORDER BY g.id",
+        generation_ids,
+        after=(stamp,),
+    )
     if not rows:
         return 0
     scorer = Scorer(config)

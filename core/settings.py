@@ -1,16 +1,23 @@
 """User settings kept in the store: Ollama host, model overrides. One dataclass, validated on save.
 
-The CLI's flags and the Settings page both read defaults from here.
+The CLI's flags and the Settings page both read defaults from here, and the overrides apply in one
+place: `resolve_generator`, `resolve_scorer` and `backend_for`, which every command, job and page asks.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from core import models
+from core.config import Config, option, specs
 from core.errors import BadInput
 from core.store import Store
+
+if TYPE_CHECKING:
+    from core.backends.base import Backend
 
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 # Databases SQLAlchemy (Optuna's RDB storage) can share one study through, across machines.
@@ -18,34 +25,35 @@ OPTUNA_STORAGE_SCHEMES = ("postgresql://", "postgresql+", "mysql://", "mysql+", 
 
 
 @dataclass(frozen=True)
-class WorkbenchSettings:
-    ollama_host: str = field(
-        default="", metadata={"help": f"Ollama server URL; empty uses $OLLAMA_HOST or {DEFAULT_OLLAMA_HOST}."}
+class WorkbenchSettings(Config):
+    what = "workbench setting"
+
+    ollama_host: str = option("", help=f"Ollama server URL; empty uses $OLLAMA_HOST or {DEFAULT_OLLAMA_HOST}.")
+    ollama_parallel: int = option(
+        1, help="Requests sent to Ollama at once; match the server's OLLAMA_NUM_PARALLEL.", min=1, max=64
     )
-    ollama_parallel: int = field(
-        default=1, metadata={"help": "Requests sent to Ollama at once; match the server's OLLAMA_NUM_PARALLEL."}
+    generator_model: str = option(
+        "",
+        help="Generator replacing the embedded Gemma 3 270M: a local checkpoint folder or hub id (transformers,"
+        " training).",
     )
-    generator_model: str = field(
-        default="",
-        metadata={
-            "help": "Generator replacing the embedded Gemma 3 270M: a "
-            "local checkpoint folder or hub id (transformers, training)."
-        },
+    generator_gguf: str = option("", help="GGUF file replacing the embedded one for llama.cpp.")
+    scorer_model: str = option(
+        "", help="BERTScore model replacing all-MiniLM-L6-v2: a local folder or hub id such as bert-base-uncased."
     )
-    generator_gguf: str = field(default="", metadata={"help": "GGUF file replacing the embedded one for llama.cpp."})
-    scorer_model: str = field(
-        default="",
-        metadata={
-            "help": "BERTScore model replacing all-MiniLM-L6-v2: a local folder or hub id such as bert-base-uncased."
-        },
+    optuna_storage: str = option(
+        "",
+        help="Optuna storage URL for hyperparameter searches whose workers run on several machines, "
+        "e.g. postgresql://user:password@host/db; empty keeps each study in the workbench's own SQLite file.",
     )
-    optuna_storage: str = field(
-        default="",
-        metadata={
-            "help": "Optuna storage URL for hyperparameter searches whose workers run on several machines, "
-            "e.g. postgresql://user:password@host/db; empty keeps each study in the workbench's own SQLite file."
-        },
-    )
+
+    def _check(self) -> None:
+        host = self.ollama_host.strip()
+        if host and not host.startswith(("http://", "https://")) and ":" not in host:
+            raise BadInput(f"Ollama host {host!r} should look like http://127.0.0.1:11434")
+        storage = self.optuna_storage.strip()
+        if storage and not storage.startswith(OPTUNA_STORAGE_SCHEMES):
+            raise BadInput(f"Optuna storage should be a URL such as postgresql://user@host/db, got {storage!r}")
 
     @property
     def effective_ollama_host(self) -> str:
@@ -54,36 +62,67 @@ class WorkbenchSettings:
 
 def load(store: Store) -> WorkbenchSettings:
     saved = store.get_setting("workbench_settings", {}) or {}
-    known = {f.name for f in fields(WorkbenchSettings)}
-    return WorkbenchSettings(**{k: v for k, v in saved.items() if k in known})
+    # A setting an older version saved and this one no longer has is dropped, not refused: the user cannot
+    # remove it from the store, and Settings would otherwise never open again.
+    known = {s.name for s in specs(WorkbenchSettings)}
+    return WorkbenchSettings.from_dict({k: v for k, v in saved.items() if k in known})
 
 
 def validate(values: WorkbenchSettings) -> WorkbenchSettings:
-    host = values.ollama_host.strip()
-    if host and not host.startswith(("http://", "https://")) and ":" not in host:
-        raise BadInput(f"Ollama host {host!r} should look like http://127.0.0.1:11434")
-    if not 1 <= values.ollama_parallel <= 64:
-        raise BadInput("parallel Ollama requests must be between 1 and 64")
+    """The settings with their texts stripped, once the files and folders they name are found (construction
+    has checked the rest)."""
     gguf = values.generator_gguf.strip()
     if gguf and not Path(gguf).expanduser().is_file():
         raise BadInput(f"no GGUF file at {gguf}")
-    storage = values.optuna_storage.strip()
-    if storage and not storage.startswith(OPTUNA_STORAGE_SCHEMES):
-        raise BadInput(f"Optuna storage should be a URL such as postgresql://user@host/db, got {storage!r}")
     for name in ("generator_model", "scorer_model"):
         value = getattr(values, name).strip()
         if value.startswith(("/", "~", ".")) and not Path(value).expanduser().exists():
             raise BadInput(f"no model folder at {value}")
-    return WorkbenchSettings(**{k: v.strip() if isinstance(v, str) else v for k, v in asdict(values).items()})
+    return WorkbenchSettings.from_dict({k: v.strip() if isinstance(v, str) else v for k, v in values.to_dict().items()})
 
 
 def save(store: Store, values: WorkbenchSettings) -> WorkbenchSettings:
     checked = validate(values)
-    store.set_setting("workbench_settings", asdict(checked))
+    store.set_setting("workbench_settings", checked.to_dict())
     return checked
 
 
-def default_generator(store: Store, backend: str) -> str:
-    """The generator a run uses when none is named: the Settings override, else the embedded model."""
-    chosen = load(store)
-    return {"llamacpp": chosen.generator_gguf, "transformers": chosen.generator_model}.get(backend, "")
+def resolve_generator(store: Store, backend: str, model: str = "", progress: models.Progress = models.report) -> str:
+    """The model `backend` really runs, in full (a path for the embedded engines): `model` when one is named,
+    else the Settings override for that engine (a GGUF for llama.cpp, a checkpoint for transformers and
+    training), else the embedded model, prepared now if it is missing. Runs, sweeps, training, QA generation
+    and the Playground all ask here, so an override reaches every one of them.
+    """
+    if backend in ("llamacpp", "transformers"):
+        chosen = load(store)
+        override = chosen.generator_gguf if backend == "llamacpp" else chosen.generator_model
+        return models.resolve_generator(model or override, backend, progress)
+    if backend == "ollama" and not model:
+        raise BadInput("the ollama backend needs a model name (e.g. llama2:7b)")
+    return model or backend
+
+
+def resolve_scorer(store: Store, model: str = "") -> str:
+    """The BERTScore model for a ScorerConfig: `model` when one is named, else the Settings override, else ""
+    (the embedded MiniLM; its stamp names it so). Refuses an embedded scorer whose package is missing."""
+    chosen = model or load(store).scorer_model
+    models.resolve_scorer(chosen)
+    return chosen
+
+
+def backend_options(store: Store, backend: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`options` completed from Settings (the Ollama server and how many requests it takes at once)."""
+    options = dict(options or {})
+    if backend == "ollama":
+        chosen = load(store)
+        options.setdefault("host", chosen.effective_ollama_host)
+        options.setdefault("parallel", chosen.ollama_parallel)
+    return options
+
+
+def backend_for(store: Store, backend: str, model: str = "", **options: Any) -> Backend:
+    """A backend configured from Settings: its model as `resolve_generator` finds it, its options as
+    `backend_options` completes them."""
+    from core.backends import make_backend  # the engines' imports are heavy; most users of Settings need none
+
+    return make_backend(backend, resolve_generator(store, backend, model), **backend_options(store, backend, options))

@@ -17,70 +17,77 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from core import dataset, generation, jobs, runs, scoring
+from core import dataset, generation, jobs, runs, scoring, settings, studies
+from core.backends import USER_BACKENDS
+from core.config import Config, option
+from core.dataset import PART_CHOICES
 from core.decoding import INT_PARAMS, DecodingParams
 from core.errors import BackendError, BadInput, NotFound
 from core.jobs import JobContext, JobPaused
 from core.prompting import DEFAULT_TEMPLATE, check_template
 from core.store import Store, now
+from core.studies import store_url as optuna_storage  # the store's file as Optuna storage
 
 SWEEPABLE = tuple(f.name for f in fields(DecodingParams))
 MODES = ("product", "one-at-a-time", "optuna")
 
 
 @dataclass(frozen=True)
-class SweepConfig:
-    dataset: str = field(metadata={"help": "dataset whose questions are asked"})
-    grid: dict[str, list[float]] = field(
-        metadata={
-            "help": "values per parameter, e.g. 'temperature=0,0.7 top_p=0.7 max_tokens=30 repeat_penalty=1.1'; "
-            "with --mode optuna, each parameter's smallest and largest value bound the search"
-        }
+class SweepConfig(Config):
+    what = "sweep setting"
+
+    dataset: str = option(help="dataset whose questions are asked")
+    grid: dict[str, list[float]] = option(
+        help="values per parameter, e.g. 'temperature=0,0.7 top_p=0.7 max_tokens=30 repeat_penalty=1.1'; "
+        "with --mode optuna, each parameter's smallest and largest value bound the search"
     )
-    mode: str = field(
-        default="product",
-        metadata={
-            "help": "product: every combination; one-at-a-time: vary each parameter alone around the baseline "
-            "(as in the study); optuna: search the same space for the best mean F1"
-        },
+    mode: str = option(
+        "product",
+        help="product: every combination; one-at-a-time: vary each parameter alone around the baseline "
+        "(as in the study); optuna: search the same space for the best mean F1",
+        choices=MODES,
     )
-    baseline: DecodingParams = field(
-        default_factory=DecodingParams, metadata={"help": "values of the parameters not in the grid"}
+    baseline: DecodingParams = option(DecodingParams(), help="values of the parameters not in the grid")
+    backend: str = option(
+        "llamacpp", help="llamacpp (embedded), transformers or ollama", choices=(*USER_BACKENDS, "echo")
     )
-    backend: str = field(default="llamacpp", metadata={"help": "llamacpp (embedded), transformers or ollama"})
-    model: str = field(default="", metadata={"help": "model name or path; empty uses the embedded model"})
-    part: str = field(
-        default="validation",
-        metadata={
-            "help": "which part of the latest split to ask: validation (for choosing: the best configuration is "
-            "picked on it, then confirmed once on test), test (for reporting: a best picked on it is optimistic), "
-            "train, or all (the best is picked on its validation questions)"
-        },
+    model: str = option(
+        "", help="model name or path; empty: the Settings' generator for this backend, else the embedded model"
     )
-    limit: int | None = field(default=None, metadata={"help": "ask only the first N questions"})
-    repeats: int = field(
-        default=1,
-        metadata={
-            "help": "answers per question and configuration, with seeds seed, seed+1, ... (tells sampling noise "
-            "from a real effect)"
-        },
+    part: str = option(
+        "validation",
+        help="which part of the latest split to ask: validation (for choosing: the best configuration is "
+        "picked on it, then confirmed once on test), test (for reporting: a best picked on it is optimistic), "
+        "train, or all (the best is picked on its validation questions)",
+        choices=PART_CHOICES,
+        flag="--split",
     )
-    trials: int = field(default=10, metadata={"help": "Optuna trials (mode optuna)"})
-    prompt_template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt text; must contain {question}"})
-    scorer_model: str = field(default="", metadata={"help": "BERTScore model; empty uses the embedded MiniLM"})
-    rescale: bool = field(default=False, metadata={"help": "also store F1 rescaled with the dataset's own baseline"})
-    backend_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "engine options"})
-    confirms: int | None = field(
-        default=None,
-        metadata={"help": "the sweep whose best configuration this one runs on the test part (set by confirm_best)"},
+    limit: int | None = option(None, help="ask only the first N questions", min=1)
+    repeats: int = option(
+        1,
+        help="answers per question and configuration, with seeds seed, seed+1, ... (tells sampling noise "
+        "from a real effect)",
+        min=1,
+        max=100,
+    )
+    # 0 is a grid sweep's to keep: sweeps saved with it (the number is unused there) must still load.
+    trials: int = option(10, help="Optuna trials (mode optuna)", min=0)
+    prompt_template: str = option(DEFAULT_TEMPLATE, help="prompt text; must contain {question}")
+    scorer_model: str = option(
+        "", help="BERTScore model; empty: the Settings' scorer model, else the embedded MiniLM", flag="--scorer"
+    )
+    rescale: bool = option(False, help="also store F1 rescaled with the dataset's own baseline")
+    backend_options: dict[str, Any] = option({}, help="engine options", cli=False)
+    confirms: int | None = option(
+        None,
+        help="the sweep whose best configuration this one runs on the test part (set by confirm_best)",
+        cli=False,
     )
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise BadInput(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+    def _check(self) -> None:
         if not self.grid:
             raise BadInput("the grid is empty: give at least one parameter, e.g. temperature=0,0.7")
         for name, values in self.grid.items():
@@ -90,28 +97,13 @@ class SweepConfig:
                 raise BadInput(f"no values for {name}")
             for value in values:  # each value must make valid parameters
                 DecodingParams(**{**self.baseline.to_dict(), name: value})
-        if self.repeats < 1 or self.repeats > 100:
-            raise BadInput("repeats must be between 1 and 100")
         if self.mode == "optuna" and self.trials < 1:
             raise BadInput("an Optuna search needs at least one trial")
-        if self.limit is not None and self.limit < 1:
-            raise BadInput("limit must be at least 1")
         check_template(self.prompt_template)
 
     @property
     def scorer(self) -> scoring.ScorerConfig:
         return scoring.ScorerConfig(model=self.scorer_model, rescale=self.rescale)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SweepConfig:
-        values = dict(values)
-        if isinstance(values.get("baseline"), dict):
-            values["baseline"] = DecodingParams.from_dict(values["baseline"])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def parse_grid(text: str) -> dict[str, list[float]]:
@@ -238,14 +230,22 @@ def _record(store: Store, config: SweepConfig, prepared: _Prepared, selection: d
                 now(),
             ),
         ).lastrowid
+        assert sweep_id is not None  # an INSERT always sets it
         runs.freeze_pairs(store, "sweep", sweep_id, prepared.run.pairs)
         for params in prepared.configurations:
             runs.record_run(store, _run_spec(config, params, selection), prepared.run, sweep_id=sweep_id)
     return sweep_id
 
 
+def _with_settings(store: Store, config: SweepConfig) -> SweepConfig:
+    """The config with its scorer as Settings choose it, recorded so: its runs, later trials and its confirmation
+    all score with the one scorer the sweep was made with, whatever Settings say by then."""
+    return replace(config, scorer_model=settings.resolve_scorer(store, config.scorer_model))
+
+
 def create_sweep(store: Store, config: SweepConfig) -> int:
     """Record a sweep and (for grids) its runs, without a job; everything is checked before anything is written."""
+    config = _with_settings(store, config)
     prepared = _prepare(store, config)
     _check_choosable(config, prepared)
     return _record(store, config, prepared)
@@ -255,6 +255,7 @@ def start_sweep(store: Store, config: SweepConfig) -> tuple[int, int]:
     """Create the sweep and start its job; returns (sweep id, job id)."""
     if config.confirms is not None:  # its run must carry the selection and split only confirm_best knows
         raise BadInput(f"a confirmation on test is made from its sweep: confirm sweep {config.confirms} instead")
+    config = _with_settings(store, config)
     prepared = _prepare(store, config)
     _check_choosable(config, prepared)
     return _start(store, config, prepared)
@@ -286,10 +287,11 @@ def _frozen(store: Store, sweep: Sweep) -> runs.Prepared:
             store.execute("UPDATE sweeps SET split_id = ? WHERE id = ?", (split_id, sweep.id))
             runs.freeze_pairs(store, "sweep", sweep.id, prepared.run.pairs)
         return prepared.run
-    model = runs.resolve_model(store, sweep.config.backend, sweep.config.model)
+    model = settings.resolve_generator(store, sweep.config.backend, sweep.config.model)
     # A run of part all has no split (runs.check_spec), even where its sweep keeps one to tell its parts apart.
-    on_split = sweep.split_id is not None and sweep.config.part != "all"
-    split = dataset.split_info(store, sweep.split_id) if on_split else None
+    split = (
+        dataset.split_info(store, sweep.split_id) if sweep.split_id is not None and sweep.config.part != "all" else None
+    )
     return runs.Prepared(model, runs.model_fingerprint(store, model), split, pairs)
 
 
@@ -327,17 +329,6 @@ def _suggest(trial, name: str, values: list[float]) -> float | int:
     return trial.suggest_float(name, low, high)
 
 
-def optuna_storage(store: Store) -> str:
-    return f"sqlite:///{store.path}"
-
-
-def _study_storage(store: Store):
-    """The store's file as Optuna storage whose writers wait for each other (not Optuna's default 5 s)."""
-    from core.train_search import open_storage  # imported here: core.train_search imports this module
-
-    return open_storage(optuna_storage(store))
-
-
 def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
     """Optuna search for the best mean F1 on the questions that decide (`choice_questions`: its validation
     questions where it has any); the study lives in the store's SQLite file.
@@ -352,13 +343,12 @@ def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=f"sweep-{sweep.id}",
-        storage=_study_storage(store),
+        storage=studies.open_storage(optuna_storage(store)),  # writers wait for each other (not 5 s)
         direction="maximize",
         load_if_exists=True,
     )
     study.sampler = optuna.samplers.TPESampler(seed=(config.baseline.seed or 0) + len(study.trials))
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    studies.fail_interrupted(study)  # this job is the only process running its trials
     unfinished = {r.id for r in sweep_runs(store, sweep.id) if generation.pending_items(store, r)}
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         if trial.user_attrs.get("run_id") in unfinished:

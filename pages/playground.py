@@ -17,7 +17,6 @@ from workbench import ui
 
 st.title("Playground")
 store = ui.store()
-config = settings.load(store)
 
 top1, top2, top3 = st.columns([1, 2, 1])
 backend_name = top1.selectbox("Backend", USER_BACKENDS, help="llamacpp: the embedded engine, as Ollama runs it")
@@ -63,7 +62,15 @@ if reference:
         st.text(reference)
 
 if run and all(chosen):
-    backend = ui.attempt(lambda: ui.loaded_backend(backend_name, model, config.effective_ollama_host))
+
+    def configured_backend():
+        # Settings apply as in every run (core.settings); an embedded model not prepared yet is prepared here.
+        note = st.empty()
+        resolved = settings.resolve_generator(store, backend_name, model, progress=note.info)
+        note.empty()
+        return ui.loaded_backend(backend_name, resolved, settings.backend_options(store, backend_name).get("host", ""))
+
+    backend = ui.attempt(configured_backend)
     prompt = ui.attempt(lambda: render_prompt(question, template))
     if backend is not None and prompt is not None:
         outputs = st.columns(len(chosen))
@@ -94,7 +101,9 @@ if run and all(chosen):
                 caption = f"first token {first:.2f} s · {total:.1f} s in all" if first else "no answer"
                 if reference and text:
                     score = ui.attempt(
-                        lambda text=text: ui.loaded_scorer(config.scorer_model).score([text], [reference], store)[0]
+                        lambda text=text: ui.loaded_scorer(settings.resolve_scorer(store)).score(
+                            [text], [reference], store
+                        )[0]
                     )
                     if score:
                         caption += f" · BERTScore F1 {score.f1:.3f} · ROUGE-L {score.rouge_l:.3f}"

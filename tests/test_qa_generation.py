@@ -48,7 +48,7 @@ def test_bad_requests_are_refused_before_a_job_starts():
 
 def test_config_round_trips_through_job_params():
     config = QAGenerationConfig(dataset="d", topics=["nlp"], n=3)
-    assert QAGenerationConfig.from_params(json.loads(json.dumps(config.to_params()))) == config
+    assert QAGenerationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_generated_pairs_arrive_pending_with_provenance_and_duplicates_are_dropped(store):

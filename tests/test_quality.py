@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import dataset, quality
+from core import dataset, intake, quality
 from core.errors import BadInput, NotFound
 from core.quality import FLAGS, QualityConfig, looks_english, near_duplicates, text_flags
 
@@ -277,7 +277,7 @@ def test_the_labelled_near_duplicates_are_found(store):
     # The labelled file mixes light rewordings (all caught at the default threshold) with paraphrases
     # in different words (MiniLM misses most of these) and close-but-distinct questions. Measured at
     # the default 0.67: precision 14/16 = 0.875, recall 14/19 = 0.74; see QualityConfig.
-    dataset.import_file(store, LABELLED, "dups")
+    intake.import_file(store, LABELLED, "dups")
     summary = quality.flag_dataset(store, "dups")
     pairs = stored_pairs(store, "dups")
     precision, recall = precision_recall(pairs)
@@ -298,7 +298,7 @@ def test_the_labelled_near_duplicates_are_found(store):
 
 
 def test_the_starter_dataset_has_no_near_duplicates_and_no_non_english_pairs(store):
-    dataset.import_file(store, STARTER, "starter")
+    intake.import_file(store, STARTER, "starter")
     summary = quality.flag_dataset(store, "starter")
     assert summary.pairs == 117
     assert summary.counts["near_duplicate"] == 0
@@ -307,7 +307,7 @@ def test_the_starter_dataset_has_no_near_duplicates_and_no_non_english_pairs(sto
 
 
 def test_flagging_never_changes_content_version_updated_at_or_history(store):
-    dataset.import_file(store, LABELLED, "dups")
+    intake.import_file(store, LABELLED, "dups")
     first = stored_pairs(store, "dups")[0]["id"]
     dataset.update_pair(store, first, answer="Run three to five seeds, more when the differences are small.")
     watched = ("question", "answer", "field", "status", "metadata", "provenance", "version", "created_at", "updated_at")
@@ -326,7 +326,7 @@ def test_flagging_never_changes_content_version_updated_at_or_history(store):
 
 
 def test_flags_are_recomputed_from_scratch(store):
-    dataset.import_file(store, LABELLED, "dups")
+    intake.import_file(store, LABELLED, "dups")
     strict = quality.flag_dataset(store, "dups", QualityConfig(min_answer_words=100, max_answer_words=200))
     assert strict.counts["short_answer"] == strict.pairs
     relaxed = quality.flag_dataset(store, "dups", QualityConfig(duplicate_threshold=1.0))
@@ -336,7 +336,7 @@ def test_flags_are_recomputed_from_scratch(store):
 
 
 def test_flag_dataset_uses_the_saved_config_and_names_unknown_datasets(store):
-    dataset.import_file(store, LABELLED, "dups")
+    intake.import_file(store, LABELLED, "dups")
     quality.save_config(store, QualityConfig(min_answer_words=100, max_answer_words=200))
     summary = quality.flag_dataset(store, "dups")
     assert summary.counts["short_answer"] == summary.pairs

@@ -35,8 +35,8 @@ navigation = st.navigation(
 
 if not all(state.ready for state in models.model_states()):
     st.warning(
-        "The embedded models are not prepared yet, so generation with them is unavailable. "
-        "Prepare them on the Settings page or with `python -m workbench prepare-models`.",
+        "The embedded models are not all prepared yet: what needs one prepares it first (about a minute, once). "
+        "Prepare them now on the Settings page or with `python -m workbench prepare-models`.",
         icon=":material/warning:",
     )
 ui.run_page(navigation)
