@@ -23,13 +23,14 @@ test: bootstrap models browser
 soak: bootstrap models
 	bash tests/run_suite.sh -m soak -s
 
-# Every benchmark in tests/benchmarks, each printing workbench-vs-baseline ratios from one run.
+# Every benchmark in tests/benchmarks, each printing workbench-vs-baseline ratios from one run, each in a
+# process of its own (a benchmark's peak memory and loaded models must not weigh on the next).
 bench: bootstrap models
 	@status=0; for f in tests/benchmarks/bench_*.py; do \
-	  name=$$(basename $$f .py); $(PY) -m workbench bench $${name#bench_} || status=1; done; exit $$status
+	  name=$$(basename $$f .py); $(PY) -m tests.benchmarks $${name#bench_} || status=1; done; exit $$status
 
 lint: bootstrap
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy
 
 format: bootstrap
 	$(PY) -m ruff format . && $(PY) -m ruff check --fix .

@@ -254,7 +254,8 @@ def _chosen_on(store: Store, run: runs.Run, choices: dict[int, sweep.Choice]) ->
 def selection_notes(store: Store, run_ids: Sequence[int]) -> list[str]:
     """One line per run compared on questions its settings were chosen on, among other candidates: its score
     there is the best of several noisy estimates on the same questions, so it is biased upward."""
-    notes, choices = [], {}
+    notes: list[str] = []
+    choices: dict[int, sweep.Choice] = {}
     for run_id in run_ids:
         run = runs.get_run(store, run_id)
         chosen = _chosen_on(store, run, choices)

@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from core import errors, processes, workspace
 from core.decoding import DecodingParams
@@ -101,6 +101,7 @@ class EngineProcess:
         try:
             code = proc.wait(timeout=5) if proc else None
         except subprocess.TimeoutExpired:
+            assert proc is not None  # only a live process's wait() times out
             proc.kill()
             code = proc.wait()
         return EngineCrashed(
@@ -120,10 +121,13 @@ class EngineProcess:
     # ---- the protocol ----
 
     def _send(self, message: dict) -> None:
+        proc = self._proc
         try:
-            self._proc.stdin.write((json.dumps(message) + "\n").encode())
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError, AttributeError):
+            if proc is None or proc.stdin is None:  # closed meanwhile
+                raise BrokenPipeError
+            proc.stdin.write((json.dumps(message) + "\n").encode())
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
             raise self._crashed() from None
 
     def _receive(self, timeout: float) -> dict:
@@ -230,6 +234,7 @@ def serve() -> int:
                     backend.load()  # a model that cannot load says so now, not at the first answer
                 reply(models=backend.models())
                 continue
+            assert backend is not None  # the parent always sends "open" first
             params = DecodingParams(**message["params"])
             if message["op"] == "generate":
                 answers = backend.generate(message["prompts"], params, message["stop"])
@@ -237,7 +242,8 @@ def serve() -> int:
             elif message["op"] == "stream":
                 cancel.clear()
                 print(f"{time.strftime('%H:%M:%S')} engine {os.getpid()}: answering", file=sys.stderr, flush=True)
-                pieces = backend.stream(message["prompt"], params, message["stop"])
+                # Every backend's stream() is a generator: closing it stops the engine mid-answer.
+                pieces = cast(Generator[str, None, None], backend.stream(message["prompt"], params, message["stop"]))
                 for piece in pieces:
                     if cancel.is_set():
                         pieces.close()

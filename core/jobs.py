@@ -33,7 +33,7 @@ import psutil
 
 from core import processes, workspace
 from core.errors import BadInput, NotFound, WorkbenchError
-from core.store import Store, now
+from core.store import Store, from_row, now
 
 # kind -> "module:function"; functions take a JobContext. Imported lazily so that listing
 # jobs never loads torch.
@@ -117,24 +117,12 @@ class JobInfo:
 def _row_to_info(row: Any) -> JobInfo:
     started = row["started_at"]
     end = row["finished_at"] or (now() if row["state"] == "running" else started)
-    return JobInfo(
-        id=row["id"],
-        kind=row["kind"],
-        params=json.loads(row["params"]),
-        state=row["state"],
-        done=row["done"],
-        total=row["total"],
-        message=row["message"],
-        figures=json.loads(row["figures"]),
-        error=row["error"],
-        pid=row["pid"],
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-        started_at=started,
-        finished_at=row["finished_at"],
+    return from_row(
+        JobInfo,
+        row,
+        ("params", "figures"),
         cancel_requested=row["cancel_requested_at"] is not None,
         seconds_running=(end - started) if started and end else 0.0,
-        heartbeat_at=row["heartbeat_at"],
     )
 
 
@@ -149,6 +137,7 @@ def submit(store: Store, kind: str, params: dict[str, Any], start: bool = True) 
         "INSERT INTO jobs (kind, params, state, created_at) VALUES (?, ?, 'queued', ?)",
         (kind, json.dumps(params), now()),
     ).lastrowid
+    assert job_id is not None  # an INSERT always sets it
     if start:
         _start(store, job_id)
     return job_id
@@ -255,7 +244,8 @@ def get(store: Store, job_id: int) -> JobInfo:
 
 def list_jobs(store: Store, kind: str | None = None, limit: int = 100) -> list[JobInfo]:
     reconcile(store)
-    sql, args = "SELECT * FROM jobs", ()
+    sql = "SELECT * FROM jobs"
+    args: tuple[str, ...] = ()
     if kind:
         sql, args = sql + " WHERE kind = ?", (kind,)
     return [_row_to_info(r) for r in store.query(sql + f" ORDER BY id DESC LIMIT {int(limit)}", args)]
@@ -378,7 +368,10 @@ class JobContext:
 
     def figures(self) -> dict[str, Any]:
         """Figures reported so far, including earlier attempts of a resumed job."""
-        return json.loads(self.store.one("SELECT figures FROM jobs WHERE id = ?", (self.job_id,))["figures"])
+        row = self.store.one_or_raise(
+            "SELECT figures FROM jobs WHERE id = ?", (self.job_id,), f"no job with id {self.job_id}"
+        )
+        return json.loads(row["figures"])
 
     def log(self, line: str) -> None:
         self.store.execute(
@@ -386,7 +379,9 @@ class JobContext:
         )
 
     def cancelled(self) -> bool:
-        row = self.store.one("SELECT cancel_requested_at FROM jobs WHERE id = ?", (self.job_id,))
+        row = self.store.one_or_raise(
+            "SELECT cancel_requested_at FROM jobs WHERE id = ?", (self.job_id,), f"no job with id {self.job_id}"
+        )
         return row["cancel_requested_at"] is not None
 
     def check_cancel(self) -> None:
@@ -540,8 +535,9 @@ def run(job_id: int) -> str:
     try:
         ctx.log(f"started (attempt {row['attempts'] + 1})")
         _load_kind(row["kind"])(ctx)
-        last = store.one("SELECT message FROM jobs WHERE id = ?", (job_id,))["message"]
-        message = last if last.startswith("done") else message  # a job's own summary beats "finished"
+        last = store.one_or_raise("SELECT message FROM jobs WHERE id = ?", (job_id,), f"no job with id {job_id}")
+        # A job's own summary beats "finished".
+        message = last["message"] if last["message"].startswith("done") else message
     except JobCancelled:
         state, message = "cancelled", "cancelled by the user"
     except JobPaused as exc:

@@ -95,7 +95,11 @@ def next_item(store: Store, rater: str, run_x: int, run_y: int, seed: int | None
     left, right = (run_a, run_b) if a_left else (run_b, run_a)
     answers = {run_a: answers_a[pair_id], run_b: answers_b[pair_id]}
     # The question as the runs were asked it (frozen with them), not as it may have been edited since.
-    question = store.one("SELECT question FROM run_pairs WHERE run_id = ? AND pair_id = ?", (run_a, pair_id))[0]
+    question = store.one_or_raise(
+        "SELECT question FROM run_pairs WHERE run_id = ? AND pair_id = ?",
+        (run_a, pair_id),
+        f"run {run_a} has no frozen copy of pair {pair_id}",
+    )[0]
     return RatingItem(pair_id, question, answers[left], answers[right], left, right, len(todo))
 
 

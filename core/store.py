@@ -12,11 +12,14 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from core import workspace
+from core.errors import NotFound
 
+T = TypeVar("T")
 IN_CHUNK = 500  # values per IN (...) clause, well under SQLite's limit on bound variables
 
 # Each entry is one schema version; never edit a released entry, append a new one.
@@ -343,6 +346,13 @@ class Store:
     def one(self, sql: str, args: tuple | dict = ()) -> sqlite3.Row | None:
         return self.conn.execute(sql, args).fetchone()
 
+    def one_or_raise(self, sql: str, args: tuple | dict, missing: str) -> sqlite3.Row:
+        """The first row of `sql`; NotFound with the one-line message `missing` when there is none."""
+        row = self.one(sql, args)
+        if row is None:
+            raise NotFound(missing)
+        return row
+
     def query_in(self, sql: str, values: Sequence[Any], before: tuple = (), after: tuple = ()) -> list[sqlite3.Row]:
         """Rows of `sql`, whose one `IN ({ids})` takes every item of `values`, asked in chunks that stay under
         SQLite's limit on bound variables; `before` and `after` bind the placeholders ahead of and behind the IN.
@@ -367,6 +377,13 @@ class Store:
             "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, json.dumps(value)),
         )
+
+
+def from_row(cls: type[T], row: sqlite3.Row, json_columns: tuple[str, ...] = (), **computed: Any) -> T:
+    """A dataclass from the row's columns of its fields' names (JSON columns decoded); `computed` gives the rest."""
+    names = ({f.name for f in fields(cls)} - set(computed)) & set(row.keys())  # type: ignore[arg-type]
+    values = {k: json.loads(row[k]) if k in json_columns else row[k] for k in names}
+    return cls(**values, **computed)
 
 
 def _statements(script: str) -> list[str]:

@@ -59,7 +59,8 @@ class TransformersBackend:
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            model = AutoModelForCausalLM.from_pretrained(
+            # Any: transformers' stubs type .to() as unbound and a PeftModel as no PreTrainedModel.
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 self.model_name,
                 trust_remote_code=False,
                 use_safetensors=True,
