@@ -208,10 +208,10 @@ with tabs[4]:
 
 with tabs[5]:
     if comparable and len(chosen) > 1:
-        from workbench import report
+        from workbench import comparison
 
         if st.button("Build the report", icon=":material/description:"):
-            html = ui.attempt(lambda: report.build_report(store, chosen, metric))
+            html = ui.attempt(lambda: comparison.build_report(store, chosen, metric))
             if html:
                 st.download_button(
                     "Download report.html",
@@ -221,7 +221,7 @@ with tabs[5]:
                     icon=":material/download:",
                 )
             with tempfile.TemporaryDirectory() as tmp:
-                paths = ui.attempt(lambda: report.export_tables_csv(store, chosen, tmp))
+                paths = ui.attempt(lambda: comparison.write_tables_csv(store, chosen, tmp))
                 for path in paths or []:
                     st.download_button(
                         f"Download {Path(path).name}",

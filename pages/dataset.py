@@ -1,32 +1,28 @@
 """Dataset: generate candidates, review them one at a time or in a table, import, split, export.
 
 Every action is saved at once (with its history); Undo reverts the last change. Text from
-users and models is shown as text, never as HTML.
+users and models is shown as text, never as HTML. The Generate and Quality flags forms are built
+from their configurations' fields (workbench.forms), as the CLI's flags are.
 """
 
 from collections.abc import Callable
 
 import streamlit as st
 
-from core import dataset, formats, jobs, qa_generation, quality
+from core import dataset, formats, intake, jobs, qa_generation, quality
 from core.backends import USER_BACKENDS
-from core.decoding import DecodingParams, field_help
 from core.errors import Conflict, WorkbenchError
 from core.store import Store
-from workbench import ui
+from workbench import forms, ui
 
 PAGE_SIZE = 200
-
-st.title("Dataset")
-store = ui.store()
-name = ui.dataset_picker()
-if name is None:
-    st.stop()
+FLAG_VIEWS = {"all": "all pairs", "any": "any flag"}
 
 
 @st.fragment(run_every=3.0)
-def header() -> None:
+def header(name: str) -> None:
     """Counts per status, always in view (refreshes while a generation job adds pairs)."""
+    store = ui.store()
     counts = dataset.status_counts(store, name)
     split = dataset.latest_split(store, name)
     cols = st.columns([1, 1, 1, 1, 2])
@@ -47,18 +43,23 @@ def header() -> None:
             st.rerun()
 
 
-header()
-ui.show_flashes()
-review, table, generate, upload, split_tab, quality_tab = st.tabs(
-    ["Review queue", "Table", "Generate", "Import a file", "Split & export", "Quality flags"]
-)
+def flag_picker(where, key: str) -> str:
+    return where.selectbox(
+        "Flag",
+        ["all", "any", *quality.FLAGS],
+        key=key,
+        format_func=lambda f: FLAG_VIEWS.get(f, f.replace("_", " ")),
+    )
+
+
+# ---- review queue --------------------------------------------------------------------------------------
 
 
 def show_flags(pair: dict) -> None:
     for flag in pair["flags"]:
         st.badge(flag.replace("_", " "), icon=":material/flag:", color="orange", help=quality.FLAGS.get(flag, ""))
     if pair["duplicate_of"]:
-        other = dataset.get_pair(store, int(pair["duplicate_of"]))
+        other = dataset.get_pair(ui.store(), int(pair["duplicate_of"]))
         st.caption(
             f"Near-duplicate (similarity {pair['duplicate_score']:.2f}) of pair {other['id']} ({other['status']}):"
         )
@@ -71,14 +72,16 @@ def act(pair: dict, **changes: str) -> None:
     if seen is None or seen[0] != pair["id"]:  # the queue moved on (another tab, a generation job)
         st.warning("The queue changed since you looked: here is the pair now at its head.", icon=":material/sync:")
         return
-    if ui.attempt(lambda: dataset.update_pair(store, pair["id"], expected_version=seen[1], **changes)):
+    if ui.attempt(lambda: dataset.update_pair(ui.store(), pair["id"], expected_version=seen[1], **changes)):
         st.rerun()
 
 
-# An open edit of this dataset: {"id": pair, "base": version the form was filled from, "conflict": bool,
-# "theirs": version shown beside it in a conflict}. It stays on screen, whatever the queue does meanwhile
-# (another tab accepting the pair, a filter), until it is saved or given up: typed text is never dropped.
-editing_key = f"editing-{name}"
+def editing_key(name: str) -> str:
+    """Where an open edit of this dataset lives: {"id": pair, "base": version the form was filled from,
+    "conflict": bool, "theirs": version shown beside it in a conflict}. It stays on screen, whatever the queue
+    does meanwhile (another tab accepting the pair, a filter), until it is saved or given up: typed text is
+    never dropped."""
+    return f"editing-{name}"
 
 
 def show_text(pair: dict) -> None:
@@ -97,36 +100,36 @@ def edit_form(pair: dict) -> dict[str, str]:
     }
 
 
-def close_edit() -> None:
-    st.session_state.pop(editing_key, None)
+def close_edit(name: str) -> None:
+    st.session_state.pop(editing_key(name), None)
     st.rerun()
 
 
-def save_edit(edit: dict, typed: dict[str, str], base: int) -> None:
+def save_edit(name: str, edit: dict, typed: dict[str, str], base: int) -> None:
     """Save the typed pair, accepted, over version `base`; if the store holds another version now, show both."""
     try:
-        dataset.update_pair(store, edit["id"], expected_version=base, status="accepted", **typed)
+        dataset.update_pair(ui.store(), edit["id"], expected_version=base, status="accepted", **typed)
     except Conflict:
         edit["conflict"] = True
         st.rerun()
     except WorkbenchError as exc:  # e.g. an emptied answer: the form stays as typed
         st.error(ui.plain(exc), icon=":material/error:")
         return
-    close_edit()
+    close_edit(name)
 
 
-def editor(pair: dict, edit: dict) -> None:
+def editor(name: str, pair: dict, edit: dict) -> None:
     typed = edit_form(pair)
     # The version whose text filled the form: reruns while typing re-read the pair but must not move the base.
     edit.setdefault("base", pair["version"])
     b1, b2, _ = st.columns([1, 1, 3])
     if b1.button("Save & accept", type="primary", icon=":material/check:", shortcut="ctrl+enter"):
-        save_edit(edit, typed, edit["base"])
+        save_edit(name, edit, typed, edit["base"])
     if b2.button("Cancel edit", icon=":material/close:", shortcut="escape"):
-        close_edit()
+        close_edit(name)
 
 
-def conflict_view(pair: dict, edit: dict) -> None:
+def conflict_view(name: str, pair: dict, edit: dict) -> None:
     """The typed edit beside the version now in the store; the user picks one, or goes on editing."""
     st.warning(
         f"Pair {pair['id']} was changed elsewhere while you edited it (now version {pair['version']},"
@@ -144,26 +147,22 @@ def conflict_view(pair: dict, edit: dict) -> None:
         st.caption(f"Field: {ui.plain(pair['field'] or '—')}")
     b1, b2, b3, _ = st.columns([1.2, 1.3, 1, 1.5])
     if b1.button("Save mine over it", type="primary", icon=":material/save:"):
-        save_edit(edit, typed, edit["theirs"])
+        save_edit(name, edit, typed, edit["theirs"])
     if b2.button("Take the other version", icon=":material/undo:"):
-        close_edit()
+        close_edit(name)
     if b3.button("Keep editing", icon=":material/edit:"):
         edit.update(base=edit["theirs"], conflict=False)  # the user has seen the other version now
         st.rerun()
     edit["theirs"] = pair["version"]  # what is on screen now is what the next click acts on
 
 
-with review:
+def review_tab(name: str) -> None:
+    store = ui.store()
     c1, c2, c3 = st.columns([1, 1, 2])
     field = c1.selectbox("Field", ["all", *dataset.fields_of(store, name)], key="queue-field")
-    flag = c2.selectbox(
-        "Flag",
-        ["all", "any", *quality.FLAGS],
-        key="queue-flag",
-        format_func=lambda f: {"all": "all pairs", "any": "any flag"}.get(f, f.replace("_", " ")),
-    )
+    flag = flag_picker(c2, "queue-flag")
     skipped: set[int] = st.session_state.setdefault(f"skipped-{name}", set())
-    edit = st.session_state.get(editing_key)
+    edit = st.session_state.get(editing_key(name))
     if edit:
         pair = dataset.get_pair(store, edit["id"])
     else:
@@ -175,47 +174,44 @@ with review:
         st.rerun()
     if pair is None:
         st.success("Nothing pending here: every pair in this view is reviewed.", icon=":material/task_alt:")
-    else:
-        with st.container(border=True):
-            st.caption(f"Pair {pair['id']} · field: {ui.plain(pair['field'] or '—')} · version {pair['version']}")
-            if edit and edit.get("conflict"):
-                conflict_view(pair, edit)
-            elif edit:
-                editor(pair, edit)
-            else:
-                show_text(pair)
-                show_flags(pair)
-                b1, b2, b3, b4, _ = st.columns([1, 1, 1, 1, 2])
-                if b1.button("Accept", type="primary", icon=":material/check:", shortcut="a"):
-                    act(pair, status="accepted")
-                if b2.button("Reject", icon=":material/block:", shortcut="x"):
-                    act(pair, status="rejected")
-                if b3.button("Edit", icon=":material/edit:", shortcut="e"):
-                    st.session_state[editing_key] = {"id": st.session_state.get("seen_pair", (pair["id"],))[0]}
-                    st.rerun()
-                if b4.button("Skip", icon=":material/skip_next:", shortcut="s"):
-                    skipped.add(st.session_state.get("seen_pair", (pair["id"],))[0])
+        return
+    with st.container(border=True):
+        st.caption(f"Pair {pair['id']} · field: {ui.plain(pair['field'] or '—')} · version {pair['version']}")
+        if edit and edit.get("conflict"):
+            conflict_view(name, pair, edit)
+        elif edit:
+            editor(name, pair, edit)
+        else:
+            show_text(pair)
+            show_flags(pair)
+            b1, b2, b3, b4, _ = st.columns([1, 1, 1, 1, 2])
+            if b1.button("Accept", type="primary", icon=":material/check:", shortcut="a"):
+                act(pair, status="accepted")
+            if b2.button("Reject", icon=":material/block:", shortcut="x"):
+                act(pair, status="rejected")
+            if b3.button("Edit", icon=":material/edit:", shortcut="e"):
+                st.session_state[editing_key(name)] = {"id": st.session_state.get("seen_pair", (pair["id"],))[0]}
+                st.rerun()
+            if b4.button("Skip", icon=":material/skip_next:", shortcut="s"):
+                skipped.add(st.session_state.get("seen_pair", (pair["id"],))[0])
+                st.rerun()
+            st.caption("Keys: A accept · X reject · E edit · S skip · Ctrl+Z undo · Ctrl+Enter saves an edit")
+        if pair["provenance"].get("job_id"):
+            with st.expander("Provenance"):
+                st.json(pair["provenance"], expanded=False)
+    # What is on screen now is what the next click acts on.
+    st.session_state["seen_pair"] = (pair["id"], pair["version"])
 
-                    st.rerun()
-                st.caption("Keys: A accept · X reject · E edit · S skip · Ctrl+Z undo · Ctrl+Enter saves an edit")
-            if pair["provenance"].get("job_id"):
-                with st.expander("Provenance"):
-                    st.json(pair["provenance"], expanded=False)
-        # What is on screen now is what the next click acts on.
-        st.session_state["seen_pair"] = (pair["id"], pair["version"])
+
+# ---- table ---------------------------------------------------------------------------------------------
 
 
-with table:
+def table_tab(name: str) -> None:
+    store = ui.store()
     f1, f2, f3, f4 = st.columns([1.2, 1.2, 1, 1.6])
     statuses = f1.multiselect("Status", dataset.STATUSES, default=list(dataset.STATUSES), key="t-status")
-    all_fields = dataset.fields_of(store, name)
-    fields = f2.multiselect("Field", all_fields, placeholder="all fields", key="t-field")
-    t_flag = f3.selectbox(
-        "Flag",
-        ["all", "any", *quality.FLAGS],
-        key="t-flag",
-        format_func=lambda f: {"all": "all pairs", "any": "any flag"}.get(f, f.replace("_", " ")),
-    )
+    fields = f2.multiselect("Field", dataset.fields_of(store, name), placeholder="all fields", key="t-field")
+    t_flag = flag_picker(f3, "t-flag")
     search = f4.text_input("Search questions and answers", placeholder="e.g. baseline", key="t-search")
     frame = dataset.pairs_frame(store, name, statuses, fields or None, None if t_flag == "all" else t_flag, search)
     pages = max(1, -(-len(frame) // PAGE_SIZE))
@@ -280,64 +276,54 @@ with table:
             st.session_state["table_saves"] = st.session_state.get("table_saves", 0) + 1
             st.rerun()
 
-with generate:
+
+# ---- generate ------------------------------------------------------------------------------------------
+
+
+def generate_tab(name: str) -> None:
+    store = ui.store()
+    Config = qa_generation.QAGenerationConfig
     st.markdown(
         "Ask a model for research questions on your topics, then for an answer to each. "
         "The pairs arrive here as **pending**; output that is not a usable pair is dropped and counted."
     )
     with st.form("generate"):
-        g1, g2, g3 = st.columns([3, 1, 1])
-        topics = g1.text_input(
-            "Topics or fields",
-            "machine learning; nlp; systems",
-            help=field_help(qa_generation.QAGenerationConfig, "topics"),
+        values = forms.config_form(
+            Config,
+            key="generate",
+            only=("topics", "n", "backend"),
+            defaults={"topics": ["machine learning", "nlp", "systems"]},
+            labels={"topics": "Topics or fields", "n": "Pairs"},
+            widgets={"backend": {"options": USER_BACKENDS}},  # the echo backend is for tests
+            columns=[3, 1, 1],
         )
-        n = g2.number_input("Pairs", 1, 1000, 10, help=field_help(qa_generation.QAGenerationConfig, "n"))
-        backend = g3.selectbox("Backend", USER_BACKENDS)
-        model = st.text_input("Model", "", help=field_help(qa_generation.QAGenerationConfig, "model"))
-        question_prompt = st.text_area(
-            "Question prompt",
-            qa_generation.DEFAULT_QUESTION_PROMPT,
-            height=120,
-            help=field_help(qa_generation.QAGenerationConfig, "question_prompt"),
+        values |= forms.config_form(
+            Config,
+            key="generate",
+            only=("model", "question_prompt", "answer_prompt", "min_answer_words"),
+            widgets={"question_prompt": {"height": 120}, "answer_prompt": {"height": 70}},
         )
-        answer_prompt = st.text_area(
-            "Answer prompt",
-            qa_generation.DEFAULT_ANSWER_PROMPT,
-            height=70,
-            help=field_help(qa_generation.QAGenerationConfig, "answer_prompt"),
-        )
-        defaults = qa_generation.QAGenerationConfig(dataset=name, topics=["x"])
-        a1, a2 = st.columns(2)
-        temperature = a1.slider("Answer temperature", 0.0, 2.0, defaults.answer_params.temperature, 0.05)
-        max_tokens = a2.slider("Answer max tokens", 16, 512, defaults.answer_params.max_tokens, 8)
+        defaults = Config(dataset=name, topics=["x"])
+        questions, answers = st.columns(2)
+        with questions.popover("Decoding of the questions"):
+            values["question_params"] = ui.attempt(lambda: ui.decoding_sliders("generate-q", defaults.question_params))
+        with answers.popover("Decoding of the answers"):
+            values["answer_params"] = ui.attempt(lambda: ui.decoding_sliders("generate-a", defaults.answer_params))
         go = st.form_submit_button("Generate", type="primary", icon=":material/auto_awesome:")
-    if go:
-
-        def start() -> int:
-            config = qa_generation.QAGenerationConfig(
-                dataset=name,
-                topics=qa_generation.parse_topics(topics),
-                n=int(n),
-                backend=backend,
-                model=model,
-                question_prompt=question_prompt,
-                answer_prompt=answer_prompt,
-                answer_params=DecodingParams(
-                    **{**defaults.answer_params.to_dict(), "temperature": temperature, "max_tokens": max_tokens}
-                ),
-            )
-            return qa_generation.submit(store, config)
-
+    if go and values["question_params"] and values["answer_params"]:
+        start = lambda: qa_generation.submit(store, Config.from_dict({"dataset": name, **values}))  # noqa: E731
         if job_id := ui.attempt(start, "generation started"):
             st.session_state[f"generate_job-{name}"] = job_id
     recent = [j for j in jobs.list_jobs(store, kind="generate-qa", limit=20) if j.params.get("dataset") == name]
     if recent:
-        job_id = st.session_state.get(f"generate_job-{name}", recent[0].id)
+        ui.job_panel(st.session_state.get(f"generate_job-{name}", recent[0].id))
 
-        ui.job_panel(job_id)
 
-with upload:
+# ---- import --------------------------------------------------------------------------------------------
+
+
+def upload_tab(name: str) -> None:
+    store = ui.store()
     st.markdown(
         "CSV (header with `question`, `answer`, optional `field`; extra columns are kept), "
         "a JSON array of objects, or JSONL. A file with any problem is refused whole."
@@ -347,34 +333,42 @@ with upload:
         target = st.text_input("Into dataset", value=name, help="A new name creates a new dataset.")
         status = st.selectbox("Imported pairs are", dataset.STATUSES, index=1)
         submitted = st.form_submit_button("Import", icon=":material/upload:")
-    if submitted:
-        if uploaded is None:
-            st.error("Choose a file first.")
-        else:
-            parsed = ui.attempt(lambda: formats.parse_pairs(uploaded.getvalue(), uploaded.name))
-            if parsed is not None:
-                summary = ui.attempt(lambda: dataset.import_parsed(store, parsed, target, status))
-                if summary is not None:
-                    ui.switch_dataset(summary.dataset)
-                    if warning := dataset.describe_pending_flags(summary):  # shown now: a rerun would hide it
-                        st.success(ui.plain(dataset.describe_import(summary)), icon=":material/check_circle:")
-                        st.warning(ui.plain(warning), icon=":material/flag:")
-                    else:
-                        ui.flash(dataset.describe_import(summary))
-                        st.rerun()
+    if not submitted:
+        return
+    if uploaded is None:
+        st.error("Choose a file first.")
+        return
+    parsed = ui.attempt(lambda: formats.parse_pairs(uploaded.getvalue(), uploaded.name))
+    if parsed is None:
+        return
+    summary = ui.attempt(lambda: intake.import_parsed(store, parsed, target, status))
+    if summary is None:
+        return
+    ui.switch_dataset(summary.dataset)
+    if warning := intake.describe_pending_flags(summary):  # shown now: a rerun would hide it
+        st.success(ui.plain(intake.describe_import(summary)), icon=":material/check_circle:")
+        st.warning(ui.plain(warning), icon=":material/flag:")
+    else:
+        ui.flash(intake.describe_import(summary))
+        st.rerun()
+
+
+# ---- split & export ------------------------------------------------------------------------------------
 
 
 def export_on_click(dataset_name: str, fmt: str, part: str) -> Callable[[], str]:
     """An export built only when its download button is clicked, in memory (no file is written)."""
+    path = ui.store().path
 
     def build() -> str:
-        with Store(store.path) as own:  # Streamlit calls this on a thread of its own: its own connection
+        with Store(path) as own:  # Streamlit calls this on a thread of its own: its own connection
             return dataset.export_text(own, dataset_name, fmt, part)
 
     return build
 
 
-with split_tab:
+def split_tab(name: str) -> None:
+    store = ui.store()
     st.markdown(
         "A split is frozen: drawing a new one creates a new version, and earlier runs keep the "
         "version they used. Stratified by field where possible. **Train** is trained on; **validation** is "
@@ -424,36 +418,34 @@ with split_tab:
                 key=f"dl-{fmt}",
             )
 
-with quality_tab:
-    config = quality.load_config(store)
+
+# ---- quality flags -------------------------------------------------------------------------------------
+
+
+def quality_tab(name: str) -> None:
+    store = ui.store()
+    saved = quality.load_config(store)
     st.markdown("Flags guide review; they never change or delete a pair.")
     st.dataframe([{"flag": k, "meaning": v} for k, v in quality.FLAGS.items()], hide_index=True, width="stretch")
     with st.form("quality"):
-        threshold = st.slider(
-            "Near-duplicate threshold (cosine similarity of question embeddings)",
-            0.5,
-            1.0,
-            float(config.duplicate_threshold),
-            0.01,
-            help=field_help(quality.QualityConfig, "duplicate_threshold"),
+        values = forms.config_form(
+            quality.QualityConfig,
+            key="quality",
+            only=("duplicate_threshold", "repeat_overlap", "min_answer_words", "max_answer_words"),
+            defaults=saved,
+            labels={
+                "duplicate_threshold": "Near-duplicate threshold (cosine similarity of question embeddings)",
+                "repeat_overlap": "Restated-question overlap",
+                "min_answer_words": "Answers shorter than (words)",
+                "max_answer_words": "Answers longer than (words)",
+            },
+            widgets={"duplicate_threshold": {"step": 0.01}, "repeat_overlap": {"step": 0.01}},
+            columns=2,
         )
-        q1, q2 = st.columns(2)
-        min_words = q1.number_input("Answers shorter than (words)", 1, 200, config.min_answer_words)
-        max_words = q2.number_input("Answers longer than (words)", 20, 5000, config.max_answer_words)
         if st.form_submit_button("Save and re-flag", icon=":material/flag:"):
 
             def reflag() -> quality.FlagSummary:
-                from dataclasses import replace
-
-                quality.save_config(
-                    store,
-                    replace(
-                        config,
-                        duplicate_threshold=threshold,
-                        min_answer_words=int(min_words),
-                        max_answer_words=int(max_words),
-                    ),
-                )
+                quality.save_config(store, quality.QualityConfig.from_dict(values))
                 return quality.flag_dataset(store, name)
 
             if summary := ui.attempt(reflag):
@@ -461,3 +453,30 @@ with quality_tab:
                     f"re-flagged {summary.pairs} pairs: "
                     + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.counts.items() if v)
                 )
+
+
+# ---- the page ------------------------------------------------------------------------------------------
+
+TABS = {
+    "Review queue": review_tab,
+    "Table": table_tab,
+    "Generate": generate_tab,
+    "Import a file": upload_tab,
+    "Split & export": split_tab,
+    "Quality flags": quality_tab,
+}
+
+
+def render() -> None:
+    st.title("Dataset")
+    name = ui.dataset_picker()
+    if name is None:
+        return
+    header(name)
+    ui.show_flashes()
+    for tab, draw in zip(st.tabs(list(TABS)), TABS.values()):
+        with tab:
+            draw(name)
+
+
+render()

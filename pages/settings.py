@@ -1,13 +1,11 @@
 """Settings: the workspace, the embedded models and their state, the Ollama host and model overrides."""
 
-from dataclasses import fields, replace
-
 import pandas as pd
 import streamlit as st
 
 from core import jobs, models, settings, workspace
 from core.errors import WorkbenchError
-from workbench import ui
+from workbench import forms, ui
 
 st.title("Settings")
 store = ui.store()
@@ -62,15 +60,27 @@ ollama_check()
 
 st.subheader("Models and server")
 with st.form("settings"):
-    values = {}
-    for f in fields(settings.WorkbenchSettings):
-        value = getattr(current, f.name)
-        label = f.name.replace("_", " ").capitalize()
-        if isinstance(value, int):
-            values[f.name] = st.number_input(label, min_value=1, max_value=64, value=value, help=f.metadata["help"])
-        else:
-            values[f.name] = st.text_input(label, value=value, help=f.metadata["help"])
+    values = forms.config_form(
+        settings.WorkbenchSettings,
+        key="settings",
+        defaults=current,
+        labels={
+            "ollama_host": "Ollama host",
+            "ollama_parallel": "Parallel Ollama requests",
+            "generator_model": "Generator model (transformers, training)",
+            "generator_gguf": "Generator GGUF (llama.cpp)",
+            "scorer_model": "BERTScore model",
+            "optuna_storage": "Optuna storage",
+        },
+        widgets={
+            "ollama_host": {"placeholder": settings.DEFAULT_OLLAMA_HOST},
+            "generator_model": {"placeholder": "embedded Gemma 3 270M checkpoint"},
+            "generator_gguf": {"placeholder": "embedded Gemma 3 270M GGUF"},
+            "scorer_model": {"placeholder": "embedded all-MiniLM-L6-v2"},
+            "optuna_storage": {"placeholder": "the workspace's SQLite file"},
+        },
+    )
     if st.form_submit_button("Save settings", icon=":material/save:"):
-        saved = ui.attempt(lambda: settings.save(store, replace(current, **values)), "settings saved")
+        saved = ui.attempt(lambda: settings.save(store, settings.WorkbenchSettings.from_dict(values)), "settings saved")
         if saved:
             st.rerun()

@@ -10,8 +10,9 @@ import streamlit as st
 
 from core import scoring, sweep
 from core.backends import USER_BACKENDS
-from core.decoding import DecodingParams, field_help
-from workbench import figures, ui
+from core.config import spec
+from core.decoding import DecodingParams
+from workbench import figures, forms, ui
 
 NUMBER_COLUMNS = ("mean_f1", "validation_f1", "test_f1", "ci_low", "ci_high", "median_f1", "std_f1", "rouge_l")
 
@@ -23,49 +24,50 @@ if name is None:
 
 with st.expander("New sweep", expanded=not sweep.list_sweeps(store, name)):
     with st.form("sweep"):
-        c1, c2, c3, c4 = st.columns(4)
-        backend = c1.selectbox("Backend", USER_BACKENDS, help=field_help(sweep.SweepConfig, "backend"))
-        model = c2.text_input("Model", "", help=field_help(sweep.SweepConfig, "model"))
-        part = c3.selectbox(
-            "Questions", ["validation", "test", "train", "all"], help=field_help(sweep.SweepConfig, "part")
+        values = forms.config_form(
+            sweep.SweepConfig,
+            key="sweep",
+            only=("backend", "model", "part", "mode"),
+            labels={"part": "Questions"},
+            widgets={
+                "backend": {"options": USER_BACKENDS},  # the echo backend is for tests
+                "model": {"placeholder": "Settings' generator, else embedded"},
+            },
+            columns=4,
         )
-        mode = c4.selectbox("Mode", sweep.MODES, help=field_help(sweep.SweepConfig, "mode"))
         st.markdown(
             "**Grid** — comma-separated values per parameter; leave a parameter empty to keep it at the baseline value."
         )
         grid_cols = st.columns(len(sweep.SWEEPABLE))
         defaults = {"temperature": "0, 0.7", "top_p": "0.7"}
         grid_text = {
-            p: col.text_input(p, defaults.get(p, ""), help=field_help(DecodingParams, p))
+            p: col.text_input(p, defaults.get(p, ""), help=spec(DecodingParams, p).help, key=f"sweep-grid-{p}")
             for col, p in zip(grid_cols, sweep.SWEEPABLE)
         }
         with st.popover("Baseline values"):
-            baseline = ui.attempt(lambda: ui.decoding_sliders("sweep-base"))
-        d1, d2, d3, d4, d5 = st.columns(5)
-        limit = d1.number_input("Questions (0 = all)", 0, 100_000, 0, help=field_help(sweep.SweepConfig, "limit"))
-        repeats = d2.number_input("Repeats", 1, 100, 1, help=field_help(sweep.SweepConfig, "repeats"))
-        trials = d3.number_input("Optuna trials", 1, 500, 10, help=field_help(sweep.SweepConfig, "trials"))
-        scorer_model = d4.text_input("BERTScore model", "", help=field_help(sweep.SweepConfig, "scorer_model"))
-        rescale = d5.checkbox("Rescale F1", help=field_help(sweep.SweepConfig, "rescale"))
+            values["baseline"] = ui.attempt(lambda: ui.decoding_sliders("sweep-base"))
+        values |= forms.config_form(
+            sweep.SweepConfig,
+            key="sweep",
+            only=("limit", "repeats", "trials", "scorer_model", "rescale"),
+            labels={
+                "limit": "Questions (empty = all)",
+                "trials": "Optuna trials",
+                "scorer_model": "BERTScore model",
+                "rescale": "Rescale F1",
+            },
+            widgets={"scorer_model": {"placeholder": "Settings' scorer, else MiniLM"}},
+            columns=5,
+        )
+        values |= forms.config_form(
+            sweep.SweepConfig, key="sweep", only=("prompt_template",), widgets={"prompt_template": {"height": 80}}
+        )
         go = st.form_submit_button("Start sweep", type="primary", icon=":material/play_arrow:")
-    if go and baseline:
+    if go and values["baseline"]:
 
         def start():
             grid = sweep.parse_grid(" ".join(f"{p}={v.replace(' ', '')}" for p, v in grid_text.items() if v.strip()))
-            config = sweep.SweepConfig(
-                dataset=name,
-                grid=grid,
-                mode=mode,
-                baseline=baseline,
-                backend=backend,
-                model=model,
-                part=part,
-                limit=int(limit) or None,
-                repeats=int(repeats),
-                trials=int(trials),
-                scorer_model=scorer_model,
-                rescale=rescale,
-            )
+            config = sweep.SweepConfig.from_dict({"dataset": name, "grid": grid, **values})
             return sweep.start_sweep(store, config)
 
         if started := ui.attempt(start, "sweep started"):

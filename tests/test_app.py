@@ -8,7 +8,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import dataset, jobs, runs, sweep
+from core import dataset, intake, jobs, runs, sweep
 from core.engine_process import engine_log
 from core.store import Store
 from tests.test_sweep import A, B, scored_sweep
@@ -68,7 +68,7 @@ def test_the_dataset_page_filters_by_text(app):
 
 def test_the_jobs_page_shows_a_job_with_its_log(app):
     with Store() as store:
-        dataset.ensure_starter(store)
+        intake.ensure_starter(store)
         dataset.make_split(store, "starter")
         run_id = runs.create_run(store, runs.RunSpec(dataset="starter", backend="echo", limit=3))
         job_id = jobs.submit(store, "generate", {"run_id": run_id})

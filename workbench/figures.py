@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -172,43 +173,28 @@ def loss_curve(metrics) -> go.Figure:
     `metrics` has columns step, epoch, name, value (one row per recorded figure).
     """
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    train = metrics[metrics["name"] == "train_loss"].sort_values("step")
-    evals = metrics[metrics["name"] == "eval_loss"].sort_values("step")
-    lr = metrics[metrics["name"] == "learning_rate"].sort_values("step")
-    fig.add_trace(
-        go.Scatter(
-            x=train["step"],
-            y=train["value"],
-            mode="lines+markers" if len(train) < 60 else "lines",
-            name="train loss",
-            line={"color": PALETTE[0]},
-            customdata=train["epoch"],
-            hovertemplate="step %{x} (epoch %{customdata:.2f})<br>train loss %{y:.4f}<extra></extra>",
+
+    def series(name: str) -> Any:
+        return metrics[metrics["name"] == name].sort_values("step")
+
+    def trace(frame: Any, label: str, hover: str, **style: Any) -> go.Scatter:
+        return go.Scatter(
+            x=frame["step"], y=frame["value"], name=label, customdata=frame["epoch"], hovertemplate=hover, **style
         )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=evals["step"],
-            y=evals["value"],
-            mode="lines+markers",
-            name="eval loss (validation part)",
-            marker={"size": 10, "symbol": "diamond", "color": PALETTE[1]},
-            line={"color": PALETTE[1], "dash": "dot"},
-            customdata=evals["epoch"],
-            hovertemplate="after epoch %{customdata:.0f} (step %{x})<br>eval loss %{y:.4f}<extra></extra>",
-        )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=lr["step"],
-            y=lr["value"],
-            mode="lines",
-            name="learning rate",
-            line={"color": "#adb5bd", "width": 1},
-            hovertemplate="step %{x}<br>learning rate %{y:.2e}<extra></extra>",
-        ),
-        secondary_y=True,
-    )
+
+    train, evals, lr = series("train_loss"), series("eval_loss"), series("learning_rate")
+    train_hover = "step %{x} (epoch %{customdata:.2f})<br>train loss %{y:.4f}<extra></extra>"
+    train_mode = "lines+markers" if len(train) < 60 else "lines"
+    fig.add_trace(trace(train, "train loss", train_hover, mode=train_mode, line={"color": PALETTE[0]}))
+    eval_hover = "after epoch %{customdata:.0f} (step %{x})<br>eval loss %{y:.4f}<extra></extra>"
+    eval_style = {
+        "marker": {"size": 10, "symbol": "diamond", "color": PALETTE[1]},
+        "line": {"color": PALETTE[1], "dash": "dot"},
+    }
+    fig.add_trace(trace(evals, "eval loss (validation part)", eval_hover, mode="lines+markers", **eval_style))
+    lr_hover = "step %{x}<br>learning rate %{y:.2e}<extra></extra>"
+    lr_line = {"color": "#adb5bd", "width": 1}
+    fig.add_trace(trace(lr, "learning rate", lr_hover, mode="lines", line=lr_line), secondary_y=True)
     fig.update_xaxes(title_text="optimizer step", rangemode="tozero")
     fig.update_yaxes(title_text="loss (answer tokens)", secondary_y=False)
     top = float(lr["value"].max()) * 1.05 if len(lr) else 1.0

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
-from core import dataset, jobs
+from core import dataset, intake, jobs
 from core.errors import WorkbenchError
 from core.store import Store
 
@@ -50,7 +50,7 @@ def store() -> Store:
     if getattr(_local, "store", None) is None:
         _local.store = Store()
         with _starter_lock:
-            dataset.ensure_starter(_local.store)
+            intake.ensure_starter(_local.store)
     return _local.store
 
 
@@ -254,36 +254,33 @@ def loaded_scorer(model: str):
     return scoring.Scorer(scoring.ScorerConfig(model=model))
 
 
+# Decoding parameter -> (key suffix, step, slider range); top_k and max_tokens get narrower sliders than their limits.
+DECODING_SLIDERS = {
+    "temperature": ("t", 0.05, None),
+    "top_p": ("p", 0.01, None),
+    "top_k": ("k", 1, (0, 200)),
+    "max_tokens": ("m", 1, (1, 1024)),
+    "repeat_penalty": ("r", 0.01, None),
+    "seed": ("s", None, None),
+}
+
+
 def decoding_sliders(key: str, defaults=None):
-    """Sliders for every decoding parameter, with the same ranges and help texts as the CLI."""
-    from core.decoding import DecodingParams, field_help, field_range
+    """Sliders for every decoding parameter (the seed a number box: empty draws a fresh one), from the fields'
+    ranges and help texts."""
+    from core.config import specs
+    from core.decoding import DecodingParams
+    from workbench.forms import widget
 
     d = defaults or DecodingParams()
-
-    # name -> (key suffix, step, range); top_k and max_tokens get narrower slider ranges than their limits.
-    sliders = {
-        "temperature": ("t", 0.05, None),
-        "top_p": ("p", 0.01, None),
-        "top_k": ("k", 1, (0, 200)),
-        "max_tokens": ("m", 1, (1, 1024)),
-        "repeat_penalty": ("r", 0.01, None),
-    }
-    values = {
-        name: st.slider(
-            name,
-            *(bounds or field_range(DecodingParams, name)),
-            getattr(d, name),
-            step,
-            key=f"{key}-{suffix}",
-            help=field_help(DecodingParams, name),
-        )
-        for name, (suffix, step, bounds) in sliders.items()
-    }
-    seed = st.text_input(
-        "seed",
-        "" if d.seed is None else str(d.seed),
-        key=f"{key}-s",
-        help=field_help(DecodingParams, "seed"),
-        placeholder="random",
-    )
-    return DecodingParams.from_dict({**values, "seed": seed})
+    values = {}
+    for field in specs(DecodingParams):
+        suffix, step, bounds = DECODING_SLIDERS[field.name]
+        shown = getattr(d, field.name)
+        if field.optional:
+            values[field.name] = widget(field, shown, f"{key}-{suffix}", label=field.name, placeholder="random")
+        else:
+            values[field.name] = widget(
+                field, shown, f"{key}-{suffix}", label=field.name, slider=True, bounds=bounds, step=step
+            )
+    return DecodingParams.from_dict(values)
