@@ -2,7 +2,6 @@
 blind human rating and a shareable report.
 """
 
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -219,16 +218,12 @@ with tabs[5]:
                     file_name="compare-report.html",
                     mime="text/html",
                     icon=":material/download:",
+                    on_click="ignore",  # no rerun: the other downloads stay on the page
                 )
-            with tempfile.TemporaryDirectory() as tmp:
-                paths = ui.attempt(lambda: comparison.write_tables_csv(store, chosen, tmp))
-                for path in paths or []:
-                    st.download_button(
-                        f"Download {Path(path).name}",
-                        Path(path).read_bytes(),
-                        file_name=Path(path).name,
-                        mime="text/csv",
-                        key=f"csv-{Path(path).name}",
-                    )
+            tables = ui.attempt(lambda: comparison.tables_csv(store, chosen, metric))
+            for name, data in (tables or {}).items():
+                st.download_button(
+                    f"Download {name}", data, file_name=name, mime="text/csv", key=f"csv-{name}", on_click="ignore"
+                )
     else:
         st.caption("A report compares two or more comparable runs.")

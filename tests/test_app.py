@@ -268,6 +268,16 @@ def test_compare_marks_a_run_chosen_on_its_own_questions_and_the_preset_asks_for
     assert any(f"as run {run_id} (job {job_id})" in i.value.replace("\\", "") for i in app.info)
 
 
+def test_the_report_and_its_tables_are_built_when_asked_for(app):
+    with Store() as store:
+        scored_sweep(store, [A, B], part="validation", limit=4)
+    open_page(app, "../pages/compare.py")
+    assert not app.get("download_button")  # nothing is built on a visit
+    click(app, "Build the report")
+    labels = [b.proto.label for b in app.get("download_button")]
+    assert labels == ["Download report.html", "Download summary.csv", "Download per_question.csv"]
+
+
 def start_training_with(app: AppTest, **values) -> str:
     """Fill the training form (widgets by label, or by key for those both forms have) and press Start."""
     open_page(app, "../pages/training.py")

@@ -74,19 +74,25 @@ def write_report(
     return files.write_bytes(path, html.encode("utf-8"))
 
 
-def write_tables_csv(
-    store: Store, run_ids: Sequence[int], folder: str | Path, metric: str = "f1", baseline_run: int | None = None
-) -> list[Path]:
-    """summary.csv and per_question.csv of the comparison in `folder` (created if missing); text cells
-    are spreadsheet-safe (see core.formats), since they hold model answers."""
+def tables_csv(
+    store: Store, run_ids: Sequence[int], metric: str = "f1", baseline_run: int | None = None
+) -> dict[str, bytes]:
+    """summary.csv and per_question.csv of the comparison, by file name; text cells are spreadsheet-safe (see
+    core.formats), since they hold model answers."""
     frames = {
         "summary.csv": compare.summary_table(store, run_ids, metric=metric, baseline_run=baseline_run),
         "per_question.csv": compare.per_question(store, run_ids, metric=metric),
     }
+    return {
+        name: frame.map(formats.spreadsheet_safe).to_csv(index=False).encode("utf-8") for name, frame in frames.items()
+    }
+
+
+def write_tables_csv(
+    store: Store, run_ids: Sequence[int], folder: str | Path, metric: str = "f1", baseline_run: int | None = None
+) -> list[Path]:
+    """The tables of `tables_csv` written into `folder` (created if missing)."""
+    tables = tables_csv(store, run_ids, metric, baseline_run)  # all built before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, frame in frames.items():
-        text = frame.map(formats.spreadsheet_safe).to_csv(index=False)
-        paths.append(files.write_bytes(folder / name, text.encode("utf-8")))
-    return paths
+    return [files.write_bytes(folder / name, data) for name, data in tables.items()]
