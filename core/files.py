@@ -19,7 +19,10 @@ from typing import Any
 def replacing(target: str | Path, *, durable: bool = False) -> Iterator[Path]:
     """Yield the path to write (a file or a folder) in place of `target`; renamed onto it when the block succeeds,
     removed when it fails. `durable` fsyncs the written file and the folder entry (a checkpoint, not a cache)."""
-    target = Path(target)
+    target = Path(target).resolve() if Path(target).is_symlink() else Path(target)  # a link stays a link
+    if target.exists() and not (target.is_file() or target.is_dir()):
+        yield target  # a device or a pipe (-o /dev/stdout): there is nothing to replace, only to write to
+        return
     part = target.with_name(target.name + ".part")
     _remove(part)  # a leftover of a killed writer
     try:

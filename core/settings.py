@@ -87,6 +87,16 @@ def save(store: Store, values: WorkbenchSettings) -> WorkbenchSettings:
     return checked
 
 
+def pinned_generator(store: Store, backend: str, model: str = "") -> str:
+    """The generator to record in a job that runs (or resumes) later: `model` when one is named, else the Settings
+    override for `backend`, else "" (the embedded model). Recorded so, a later change of Settings never moves a
+    training, a search or a sweep onto another model halfway."""
+    if model:
+        return model
+    chosen = load(store)
+    return {"llamacpp": chosen.generator_gguf, "transformers": chosen.generator_model}.get(backend, "")
+
+
 def resolve_generator(store: Store, backend: str, model: str = "", progress: models.Progress = models.report) -> str:
     """The model `backend` really runs, in full (a path for the embedded engines): `model` when one is named,
     else the Settings override for that engine (a GGUF for llama.cpp, a checkpoint for transformers and
@@ -94,9 +104,7 @@ def resolve_generator(store: Store, backend: str, model: str = "", progress: mod
     and the Playground all ask here, so an override reaches every one of them.
     """
     if backend in ("llamacpp", "transformers"):
-        chosen = load(store)
-        override = chosen.generator_gguf if backend == "llamacpp" else chosen.generator_model
-        return models.resolve_generator(model or override, backend, progress)
+        return models.resolve_generator(pinned_generator(store, backend, model), backend, progress)
     if backend == "ollama" and not model:
         raise BadInput("the ollama backend needs a model name (e.g. llama2:7b)")
     return model or backend

@@ -238,9 +238,13 @@ def _record(store: Store, config: SweepConfig, prepared: _Prepared, selection: d
 
 
 def _with_settings(store: Store, config: SweepConfig) -> SweepConfig:
-    """The config with its scorer as Settings choose it, recorded so: its runs, later trials and its confirmation
-    all score with the one scorer the sweep was made with, whatever Settings say by then."""
-    return replace(config, scorer_model=settings.resolve_scorer(store, config.scorer_model))
+    """The config with its generator and scorer as Settings choose them, recorded so: its runs, later trials and
+    its confirmation all use the ones the sweep was made with, whatever Settings say by then."""
+    return replace(
+        config,
+        model=settings.pinned_generator(store, config.backend, config.model),
+        scorer_model=settings.resolve_scorer(store, config.scorer_model),
+    )
 
 
 def create_sweep(store: Store, config: SweepConfig) -> int:

@@ -142,8 +142,9 @@ class TrainConfig(Config):
             raise BadInput(f"the model has no module(s) named {', '.join(missing)}")
         if self.evaluate_with == "llamacpp" and not models.is_embedded_checkpoint(path):
             raise BadInput(
-                "evaluating on llamacpp needs the base model as GGUF, which the workbench has only for the embedded "
-                "model: evaluate with transformers (or none) for another base model"
+                f"evaluating on llamacpp needs the base model as GGUF, which the workbench has only for the embedded "
+                f"model, not {path}{'' if self.model else ' (the Settings generator model)'}: evaluate with"
+                " transformers (or none) for another base model"
             )
         return path
 

@@ -114,6 +114,23 @@ def test_training_with_no_model_named_trains_the_settings_generator(starter, tin
     assert named.validate(starter) == str(models.hf_checkpoint_dir())
 
 
+def test_a_training_a_search_and_a_sweep_keep_their_settings_generator_when_settings_change(
+    starter, tiny_llama, other_gguf, monkeypatch
+):
+    from core import train_search, training
+
+    monkeypatch.setattr(jobs, "spawn", lambda store, job_id: None)  # what is recorded is enough: no job runs
+    override(starter, generator_model=str(tiny_llama), generator_gguf=str(other_gguf))
+    base = TrainConfig(dataset="starter", evaluate_with="none")
+    train_job = training.start_training(starter, base)
+    search_job = train_search.start_search(starter, train_search.SearchConfig(base=base.to_dict(), trials=1))
+    sweep_id = sweep.create_sweep(starter, sweep.SweepConfig(dataset="starter", grid={"temperature": [0.0]}, limit=2))
+    override(starter)  # Settings cleared: a resume, a worker on another machine, a later trial use the same models
+    assert jobs.get(starter, train_job).params["model"] == str(tiny_llama)
+    assert jobs.get(starter, search_job).params["base"]["model"] == str(tiny_llama)
+    assert sweep.get_sweep(starter, sweep_id).config.model == str(other_gguf)
+
+
 def test_qa_generation_runs_and_records_the_settings_generator(store, tiny_llama, monkeypatch):
     override(store, generator_model=str(tiny_llama))
     asked = []

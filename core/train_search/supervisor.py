@@ -37,10 +37,16 @@ def start_search(store: Store, config: SearchConfig) -> int:
     config = replace(
         config,
         storage=config.storage.strip() or settings.load(store).optuna_storage,
-        base=_pin_split(store, config.base),
+        base=_pin_split(store, _pin_model(store, config.base)),
     )
     config.validate(store)
     return jobs.submit(store, "train-search", config.to_dict())
+
+
+def _pin_model(store: Store, base: dict[str, Any]) -> dict[str, Any]:
+    """The base settings with their model fixed (the Settings' generator model when none is named): every worker,
+    on this machine or another, then trains the same base."""
+    return {**base, "model": settings.pinned_generator(store, "transformers", base.get("model", ""))}
 
 
 def _pin_split(store: Store, base: dict[str, Any]) -> dict[str, Any]:

@@ -5,9 +5,10 @@ Each stage skips what an earlier attempt finished, so a resumed job picks up whe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from core import jobs, runs
+from core import jobs, runs, settings
 from core.jobs import JobContext
 from core.store import Store
 from core.train_config import TrainConfig
@@ -17,6 +18,7 @@ from core.training.loop import train
 
 def start_training(store: Store, config: TrainConfig) -> int:
     """Check the settings (BadInput with the reason, before any process starts), then start the job."""
+    config = replace(config, model=settings.pinned_generator(store, "transformers", config.model))
     config.validate(store)
     return jobs.submit(store, "train", config.to_dict())
 
