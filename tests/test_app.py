@@ -80,7 +80,7 @@ def test_the_jobs_page_shows_a_job_with_its_log(app):
 
 def test_settings_refuse_a_bad_value_with_a_banner_and_keep_the_old_one(app):
     open_page(app, PAGES[3])
-    gguf_box = next(t for t in app.text_input if t.label == "Generator gguf")
+    gguf_box = next(t for t in app.text_input if t.key == "settings-generator_gguf")
     gguf_box.input("/no/such/model.gguf")
     next(b for b in app.button if b.label == "Save settings").click().run()
     assert any("no GGUF file" in e.value for e in app.error)
