@@ -157,7 +157,7 @@ def evaluate_run(ctx: JobContext, run: runs.Run) -> float:
     tally = generation.Tally(total=total, done=total - len(generation.pending_items(ctx.store, run)))
     try:
         backend = generation.backend_for(ctx.store, run)
-        generation.generate_and_score(ctx, run, backend, tally, scorer)
+        generation.generate_and_score(ctx, [run], backend, tally, scorer)
     except BackendError as exc:
         raise JobPaused(f"paused: {exc}") from None
     return mean_f1(ctx.store, run)

@@ -8,12 +8,13 @@ the user can fix (server down, unknown model, timeout) pause the job, keeping wh
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from core import runs, scoring, settings
-from core.backends.base import Backend
+from core.backends.base import Backend, Request, answers_as_done
 from core.decoding import DecodingParams
 from core.errors import BackendError
 from core.jobs import JobContext, JobPaused
@@ -43,14 +44,12 @@ def backend_for(store: Store, run: runs.Run) -> Backend:
     options = dict(run.config.get("backend_options") or {})
     if run.adapter and run.backend == "transformers":
         options["adapter"] = run.adapter
-    if run.adapter and run.backend == "llamacpp":
-        options["lora_path"] = run.adapter
+    if run.backend == "llamacpp":
+        if run.adapter:
+            options["lora_path"] = run.adapter
+        # The engine mode the run was made with (a run made before runs recorded one: one at a time, as then).
+        options["parallel"] = (run.config.get("engine") or {}).get("parallel", 1)
     return settings.backend_for(store, run.backend, run.model, **options)
-
-
-def batch_size_for(backend: Backend) -> int:
-    """Prompts sharing a configuration go together: transformers batches them, Ollama serves them in parallel."""
-    return int(getattr(backend, "batch_size", None) or getattr(backend, "parallel", None) or 1)
 
 
 @dataclass
@@ -74,57 +73,72 @@ def total_items(store: Store, run: runs.Run) -> int:
     return len(runs.run_pairs(store, run)) * int(run.config.get("repeats", 1))
 
 
-def generate_run(
+SCORE_EVERY = 16  # answers scored together: BERTScore per answer would cost more than generating it
+
+
+Item = tuple[runs.Run, runs.ds.StoredPair, int]  # (run, question, repeat)
+
+
+def pending(store: Store, members: list[runs.Run]) -> list[Item]:
+    """Every missing answer of these runs (a sweep's, or one run's)."""
+    return [(run, pair, repeat) for run in members for pair, repeat in pending_items(store, run)]
+
+
+def generate_items(
     ctx: JobContext,
-    run: runs.Run,
+    items: list[Item],
     backend: Backend,
     tally: Tally,
     on_batch: Callable[[list[int]], object] | None = None,
 ) -> None:
-    """Generate a run's missing answers, committing each batch; `on_batch` gets the new generation ids."""
+    """Generate the given answers, committing each as it is done; `on_batch` gets new generation ids,
+    SCORE_EVERY at a time. Items may belong to several runs (a sweep's configurations): the embedded engine
+    decodes them together and reads a question's prompt once for all of them (core.backends.base)."""
     store = ctx.store
-    todo = pending_items(store, run)
-    stop = stop_sequences(run.prompt_template)
-    batch_size = batch_size_for(backend)
-    try:
-        for repeat in sorted({r for _, r in todo}):
-            pairs = [p for p, r in todo if r == repeat]
-            for start in range(0, len(pairs), batch_size):
-                ctx.check_cancel()
-                batch = pairs[start : start + batch_size]
-                t0 = time.monotonic()
-                answers = backend.generate(
-                    [render_prompt(p.question, run.prompt_template) for p in batch],
-                    repeat_params(run.params, repeat),
-                    stop,
-                )
-                if len(answers) != len(batch):
-                    raise BackendError(f"{backend.name} returned {len(answers)} answers for {len(batch)} prompts")
-                seconds = (time.monotonic() - t0) / len(batch)
+    fresh: list[int] = []
+    ctx.check_cancel()
 
-                with store.transaction() as conn:
-                    ids = [
-                        conn.execute(
+    def flush() -> None:
+        if on_batch and fresh:
+            on_batch(list(fresh))
+        fresh.clear()
+
+    try:
+        for template in dict.fromkeys(run.prompt_template for run, _, _ in items):
+            work = [item for item in items if item[0].prompt_template == template]
+            requests = [
+                Request(render_prompt(p.question, template), repeat_params(run.params, r)) for run, p, r in work
+            ]
+            answers = answers_as_done(backend, requests, stop_sequences(template))
+            with contextlib.closing(answers):  # a cancel stops the engine's sequences in flight
+                for answer in answers:
+                    run, pair, repeat = work[answer.index]
+                    with store.transaction() as conn:
+                        row = conn.execute(
                             "INSERT INTO generations (run_id, pair_id, repeat, answer, seconds, created_at)"
                             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-                            (run.id, p.id, repeat, a, seconds, now()),
+                            (run.id, pair.id, repeat, answer.text, answer.seconds, now()),
                         ).fetchone()
-                        for p, a in zip(batch, answers)
-                    ]
-                if on_batch:
-                    on_batch([row[0] for row in ids if row])
-                tally.done += len(batch)
-                tally.report(ctx, backend, f"run {run.id}: {tally.done}/{tally.total} answers")
+                    if row:
+                        fresh.append(row[0])
+                    if len(fresh) >= SCORE_EVERY:
+                        flush()
+                    tally.done += 1
+                    tally.report(ctx, backend, f"{tally.done}/{tally.total} answers")
+                    ctx.check_cancel()
+        flush()
     except BackendError as exc:
         raise JobPaused(f"paused: {exc}") from None
 
 
 def generate_and_score(
-    ctx: JobContext, run: runs.Run, backend: Backend, tally: Tally, scorer: scoring.ScorerConfig
+    ctx: JobContext, members: list[runs.Run], backend: Backend, tally: Tally, scorer: scoring.ScorerConfig
 ) -> None:
-    """Generate a run's missing answers and score each batch as it lands (a sweep's or an evaluation's work)."""
-    scoring.score_run(ctx.store, run.id, scorer)  # answers committed before a crash, not yet scored
-    generate_run(ctx, run, backend, tally, on_batch=lambda ids: scoring.score_generations(ctx.store, ids, scorer))
+    """Generate the runs' missing answers and score them as they land (a sweep's or an evaluation's work)."""
+    for run in members:  # answers committed before a crash, not yet scored
+        scoring.score_run(ctx.store, run.id, scorer)
+    items = pending(ctx.store, members)
+    generate_items(ctx, items, backend, tally, on_batch=lambda ids: scoring.score_generations(ctx.store, ids, scorer))
 
 
 def run_generation_job(ctx: JobContext) -> None:
@@ -136,4 +150,4 @@ def run_generation_job(ctx: JobContext) -> None:
         backend = backend_for(ctx.store, run)
     except BackendError as exc:
         raise JobPaused(f"paused: {exc}") from None
-    generate_run(ctx, run, backend, tally)
+    generate_items(ctx, pending(ctx.store, [run]), backend, tally)

@@ -154,6 +154,15 @@ def prepare_run(store: Store, spec: RunSpec) -> Prepared:
     return Prepared(model, model_fingerprint(store, model), split, pairs)
 
 
+def engine_stamp(store: Store, spec: RunSpec) -> dict[str, Any]:
+    """How the embedded engine decodes a run's answers, recorded with it (batched decoding is not bit-identical
+    to one sequence at a time, so runs say which they are) and followed when it is resumed."""
+    if spec.backend != "llamacpp":
+        return {}
+    parallel = int(spec.backend_options.get("parallel") or settings.load(store).llamacpp_parallel)
+    return {"engine": {"mode": "batched" if parallel > 1 else "single-stream", "parallel": parallel}}
+
+
 def record_run(
     store: Store,
     spec: RunSpec,
@@ -163,7 +172,12 @@ def record_run(
     extra_config: dict[str, Any] | None = None,
 ) -> int:
     """Insert a prepared run with its questions' texts frozen; quick, so it may join the caller's transaction."""
-    config = {"limit": spec.limit, "repeats": spec.repeats, "backend_options": spec.backend_options}
+    config = {
+        "limit": spec.limit,
+        "repeats": spec.repeats,
+        "backend_options": spec.backend_options,
+        **engine_stamp(store, spec),
+    }
     with store.transaction() as conn:
         run_id = conn.execute(
             "INSERT INTO runs (kind, label, dataset_id, split_id, part, backend, model, model_hash, adapter, params,"

@@ -32,6 +32,13 @@ class WorkbenchSettings(Config):
     ollama_parallel: int = option(
         1, help="Requests sent to Ollama at once; match the server's OLLAMA_NUM_PARALLEL.", min=1, max=64
     )
+    llamacpp_parallel: int = option(
+        8,
+        help="Sequences the embedded llama.cpp engine decodes at once in sweeps and evaluations (1: one at a"
+        " time, the answers llama-cpp-python gives); batched answers can differ slightly near ties.",
+        min=1,
+        max=64,
+    )
     generator_model: str = option(
         "",
         help="Generator replacing the embedded Gemma 3 270M: a local checkpoint folder or hub id (transformers,"

@@ -317,8 +317,8 @@ def run_sweep_job(ctx: JobContext) -> None:
         ctx.progress(done, total, f"sweep {sweep.id}: {len(members)} configurations")
         backend = generation.backend_for(store, members[0])
         scoring.warm_up(config.scorer)
-        for run in members:
-            generation.generate_and_score(ctx, run, backend, tally, config.scorer)
+        # All configurations at once: the embedded engine mixes them in one batch and reads each question once.
+        generation.generate_and_score(ctx, members, backend, tally, config.scorer)
         ctx.progress(tally.done, total, f"sweep {sweep.id}: {len(members)} configurations scored")
     except BackendError as exc:
         raise JobPaused(f"paused: {exc}") from None
@@ -375,7 +375,7 @@ def _run_optuna(ctx: JobContext, sweep: Sweep) -> None:
         run = _add_or_find(store, sweep, DecodingParams(**{**config.baseline.to_dict(), **chosen}), prepared)
         trial.set_user_attr("run_id", run.id)
         backend = backend or generation.backend_for(store, run)
-        generation.generate_and_score(ctx, run, backend, tally, config.scorer)
+        generation.generate_and_score(ctx, [run], backend, tally, config.scorer)
         return decision_f1(scoring.run_scores(store, run.id, scoring.scorer_stamp(config.scorer)), deciding)
 
     remaining = config.trials - finished

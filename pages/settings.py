@@ -67,6 +67,7 @@ with st.form("settings"):
         labels={
             "ollama_host": "Ollama host",
             "ollama_parallel": "Parallel Ollama requests",
+            "llamacpp_parallel": "Parallel llama.cpp sequences",
             "generator_model": "Generator model (transformers, training)",
             "generator_gguf": "Generator GGUF (llama.cpp)",
             "scorer_model": "BERTScore model",

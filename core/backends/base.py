@@ -7,10 +7,13 @@ ends (not included in it). `completion_tokens` counts tokens produced so far, fo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from core.decoding import DecodingParams
+from core.errors import BackendError
 
 
 @runtime_checkable
@@ -29,6 +32,50 @@ class Backend(Protocol):
     def models(self) -> list[str]:
         """Names of the models this backend can serve."""
         ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """One answer asked for: a prompt and the parameters to decode it with."""
+
+    prompt: str
+    params: DecodingParams
+
+
+@dataclass(frozen=True)
+class Answer:
+    index: int  # the request's position in the list asked
+    text: str
+    seconds: float  # time spent on it (a batch's time shared by its answers)
+
+
+def batch_size_for(backend: Backend) -> int:
+    """Prompts sharing a configuration go together: transformers batches them, Ollama serves them in parallel."""
+    return int(getattr(backend, "batch_size", None) or getattr(backend, "parallel", None) or 1)
+
+
+def answers_as_done(backend: Backend, requests: Sequence[Request], stop: Sequence[str] = ()) -> Iterator[Answer]:
+    """Every request's answer, each as soon as it exists.
+
+    A backend that decodes requests of different parameters together (the embedded engine's `answers`) gets
+    them all at once; the others get runs of requests with equal parameters, `batch_size_for` at a time.
+    """
+    if hasattr(backend, "answers"):
+        yield from backend.answers(requests, stop)
+        return
+    size, start = batch_size_for(backend), 0
+    while start < len(requests):
+        params = requests[start].params
+        end = start + 1
+        while end < len(requests) and end - start < size and requests[end].params == params:
+            end += 1
+        began = time.monotonic()
+        texts = backend.generate([r.prompt for r in requests[start:end]], params, stop)
+        if len(texts) != end - start:
+            raise BackendError(f"{backend.name} returned {len(texts)} answers for {end - start} prompts")
+        seconds = (time.monotonic() - began) / (end - start)
+        yield from (Answer(start + k, text, seconds) for k, text in enumerate(texts))
+        start = end
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -3,6 +3,10 @@
 The same engine and sampler as Ollama, so a sweep here behaves like a sweep there. The
 model stays loaded for the life of the backend (a sweep loads it once). Building the
 sampler arguments is a pure function, apart from the engine.
+
+Answers to lists of prompts come from core.backends.llamacpp_batch's `BatchedEngine`, `parallel` sequences
+decoded together (1: one at a time, the same answers as llama-cpp-python's `create_completion`); a
+streamed answer (the Playground) from `Llama.create_completion` itself.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from core import engine, models
-from core.backends.base import cut_at_stop, visible_pieces
+from core.backends.base import Answer, Request, visible_pieces
+from core.backends.llamacpp_batch import BatchedEngine
 from core.decoding import DecodingParams
 from core.errors import BackendUnavailable
 
@@ -35,13 +40,20 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(
-        self, model: str | None = None, lora_path: str | None = None, n_ctx: int = 2048, n_threads: int | None = None
+        self,
+        model: str | None = None,
+        lora_path: str | None = None,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        parallel: int = 1,
     ) -> None:
         self.model_path = models.resolve_generator(model, "llamacpp")
         self.lora_path = lora_path or None
         self.n_ctx = n_ctx
         self.n_threads = n_threads
-        self.completion_tokens = 0
+        self.parallel = parallel
+        self._batched = BatchedEngine(self.model_path, self.lora_path, parallel, seq_ctx=n_ctx, n_threads=n_threads)
+        self._streamed_tokens = 0
         self._llm: Any = None
         # One llama.cpp context is not safe to use from two threads at once.
         self._lock = threading.Lock()
@@ -64,9 +76,21 @@ class LlamaCppBackend:
                 raise BackendUnavailable(f"llama.cpp could not load {self.model_path}: {exc}") from None
         return self._llm
 
+    @property
+    def completion_tokens(self) -> int:
+        return self._batched.completion_tokens + self._streamed_tokens
+
+    @property
+    def mode(self) -> str:
+        """How lists of prompts are decoded, as runs record it."""
+        return f"batched x{self.parallel}" if self.parallel > 1 else "single-stream"
+
     def load(self) -> None:
-        """Load the model now (it otherwise loads at the first answer)."""
-        _ = self.llm
+        """Load the model for lists of prompts now (it otherwise loads at the first answer)."""
+        self._batched.load()
+
+    def count_tokens(self, text: str) -> int:
+        return self._batched.count_tokens(text)
 
     def _forget_previous_prompt(self) -> None:
         """Evaluate every prompt whole, so that an answer never depends on the question asked before it.
@@ -78,22 +102,23 @@ class LlamaCppBackend:
         """
         self.llm.reset()
 
+    def answers(self, requests: Sequence[Request], stop: Sequence[str] = ()) -> Iterator[Answer]:
+        """Each request's answer as soon as it is done (not in order); requests may differ in parameters."""
+        with self._lock:
+            yield from self._batched.answers(requests, stop)
+
     def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
-        answers = []
-        for prompt in prompts:
-            with self._lock:
-                self._forget_previous_prompt()
-                out = self.llm.create_completion(prompt, **completion_kwargs(params, stop))
-            self.completion_tokens += out["usage"]["completion_tokens"]
-            answers.append(cut_at_stop(out["choices"][0]["text"], stop).strip())
-        return answers
+        texts = [""] * len(prompts)
+        for answer in self.answers([Request(p, params) for p in prompts], stop):
+            texts[answer.index] = answer.text
+        return texts
 
     def stream(self, prompt: str, params: DecodingParams, stop: Sequence[str] = ()) -> Iterator[str]:
         with self._lock:
             self._forget_previous_prompt()
             chunks = self.llm.create_completion(prompt, stream=True, **completion_kwargs(params, stop))
             for piece in visible_pieces((c["choices"][0]["text"] for c in chunks), stop):
-                self.completion_tokens += 1
+                self._streamed_tokens += 1
                 yield piece
 
     def models(self) -> list[str]:
