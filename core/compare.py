@@ -223,6 +223,7 @@ def _settings(run: runs.Run) -> dict[str, object]:
         "repeats": run.config.get("repeats"),
         "limit": run.config.get("limit"),
         "backend_options": json.dumps(run.config.get("backend_options") or {}, sort_keys=True),
+        "engine": runs.engine_mode(run),
     }
 
 

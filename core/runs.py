@@ -163,6 +163,14 @@ def engine_stamp(store: Store, spec: RunSpec) -> dict[str, Any]:
     return {"engine": {"mode": "batched" if parallel > 1 else "single-stream", "parallel": parallel}}
 
 
+def engine_mode(run: Run) -> str:
+    """'batched x8', 'single-stream' (the embedded engine's runs), '' for other backends."""
+    stamp = run.config.get("engine")
+    if not stamp:
+        return "single-stream" if run.backend == "llamacpp" else ""
+    return f"batched x{stamp['parallel']}" if stamp["mode"] == "batched" else "single-stream"
+
+
 def record_run(
     store: Store,
     spec: RunSpec,

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from core import jobs, models, runs, settings, sweep
+from core import compare, jobs, models, runs, settings, sweep
 from core.backends.base import Request
 from core.backends.llamacpp import completion_kwargs
 from core.backends.llamacpp_batch import BatchedEngine
@@ -135,3 +135,5 @@ def test_a_sweep_records_its_engine_mode_and_stays_exactly_once_under_sigkill(st
     )
     assert len(counts) == 16 and {(r["n"], r["scored"]) for r in counts} == {(1, 1)}
     assert runs.get_run(starter, members[0].id).config["engine"] == {"mode": "batched", "parallel": 4}
+    assert runs.engine_mode(members[0]) == "batched x4"
+    assert compare._settings(members[0])["engine"] == "batched x4"  # Compare tells batched runs apart

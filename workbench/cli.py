@@ -117,6 +117,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             "id": s.run.id,
             "kind": s.run.kind,
             "backend": s.run.backend,
+            "engine": runs.engine_mode(s.run) or "-",
             "model": Path(s.run.model).name or "-",
             "adapter": s.run.adapter or "-",
             "params": runs.describe_params(s.run.params),
@@ -658,7 +659,7 @@ def _add_data_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
 
     for name, func, help in (
         ("datasets", cmd_datasets, "List datasets with their pair counts per status and latest split."),
-        ("runs", cmd_runs, "List runs: id, kind, backend, model, adapter, params, n, mean/median F1."),
+        ("runs", cmd_runs, "List runs: id, kind, backend, engine, model, adapter, params, n, mean/median F1."),
     ):
         command(name, func, help).add_argument("--json", action="store_true", help="print JSON instead of a table")
 

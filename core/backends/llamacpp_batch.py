@@ -115,7 +115,7 @@ class BatchedEngine:
         self._model: Any = None
         self._lora: Any = None
         self._ctx: Any = None
-        self._ctx_cells = 0
+        self._ctx_cells = self._ctx_parallel = 0
         self._stack = contextlib.ExitStack()
 
     # ---- loading ----
@@ -147,7 +147,7 @@ class BatchedEngine:
         import llama_cpp
         from llama_cpp import _internals
 
-        if self._ctx is not None and self._ctx_cells >= cells:
+        if self._ctx is not None and self._ctx_cells >= cells and self._ctx_parallel == self.parallel:
             return self._ctx
         if self._ctx is not None:
             self._ctx.close()
@@ -168,7 +168,7 @@ class BatchedEngine:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
             if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)):
                 raise BackendUnavailable(f"llama.cpp could not apply the LoRA adapter {self.lora_path}")
-        self._ctx_cells = cells
+        self._ctx_cells, self._ctx_parallel = cells, self.parallel
         return self._ctx
 
     def close(self) -> None:
@@ -181,6 +181,11 @@ class BatchedEngine:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+    def model_bytes(self) -> int:
+        """Bytes of the model's weights: what one decoding step reads."""
+        self.load()
+        return int(self._model.size())
 
     # ---- tokens ----
 
