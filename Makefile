@@ -24,8 +24,10 @@ soak: bootstrap models
 	bash tests/run_suite.sh -m soak -s
 
 # Every benchmark in tests/benchmarks, each printing workbench-vs-baseline ratios from one run, each in a
-# process of its own (a benchmark's peak memory and loaded models must not weigh on the next).
+# process of its own (a benchmark's peak memory and loaded models must not weigh on the next). Their own
+# pins first (TRL, the training benchmark's peer), held to the app's so torch and transformers never move.
 bench: bootstrap models
+	@$(PY) -m pip install -q --disable-pip-version-check -r tests/benchmarks/requirements.txt -c requirements.txt
 	@status=0; for f in tests/benchmarks/bench_*.py; do \
 	  name=$$(basename $$f .py); $(PY) -m tests.benchmarks $${name#bench_} || status=1; done; exit $$status
 
