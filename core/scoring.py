@@ -1,7 +1,7 @@
 """BERTScore (precision, recall, F1) and ROUGE-L of generated answers against reference answers.
 
 The numbers equal `bert_score.score(cands, refs, model_type=..., num_layers=...)` (no idf)
-within 1e-4, but do not depend on which other pairs share a batch (see `_greedy`). The
+within 1e-4, but do not depend on which other pairs share a batch (see `_match`). The
 difference is speed: a reference answer's token embeddings are computed once per scorer and
 kept in the store (`reference_embeddings`) and in an in-process LRU, so every later run on the
 same dataset only embeds its new answers and matches them greedily against the cache.
@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import astuple, dataclass, replace
 from importlib.metadata import version
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -321,42 +322,93 @@ class Scorer:
             raise BadInput(f"{len(candidates)} candidates but {len(references)} references")
         cands = self._candidates(candidates)
         refs = self._references(references, store)
-        out = []
-        for cand, ref in zip(candidates, references):
-            p, r, f = _greedy(cands[cand], refs[ref])
-            out.append(PairScore(p, r, f, baseline.rescale(f) if baseline else None, rouge_l(cand, ref)))
-        return out
+        matched = _match([(cands[c], refs[r]) for c, r in zip(candidates, references)])
+        return [
+            PairScore(p, r, f, baseline.rescale(f) if baseline else None, rouge_l(cand, ref))
+            for (p, r, f), cand, ref in zip(matched.tolist(), candidates, references)
+        ]
 
 
-def _greedy(cand: _Text, ref: _Text) -> tuple[float, float, float]:
-    """bert_score's greedy cosine matching without idf (bert_score.utils.greedy_cos_idf, one pair).
+MATCH_PAIRS = 64  # pairs per batched similarity product: at most 64 x 512 x 512 floats (64 MiB)
+
+
+def _match(pairs: list[tuple[_Text, _Text]]) -> np.ndarray:
+    """bert_score's greedy cosine matching without idf (bert_score.utils.greedy_cos_idf): (P, R, F1) per pair.
 
     Every token, [CLS] and [SEP] included, is a match target; only the others are averaged.
     A token's best similarity counts as 0 when negative: bert_score zeroes the similarities of
     padding positions, and a pair padded in its batch (every pair but the one holding the
     batch's longest text) therefore never scores a token below 0. MiniLM does give some tokens
     of short texts a negative best match; without this floor a score would depend on its batch.
+    The floor is also why zero-padded pairs can share one product here: a padding position's
+    similarity is 0, which the floor gives anyway. One product per 64 pairs replaced a numpy
+    product per pair (0.15-1.4 s per 100 pairs on a busy 2-core machine, a tenth of the call).
     """
-    sim = cand.embedding @ ref.embedding.T
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = float((np.maximum(sim.max(axis=1), 0) * cand.weights).sum() / cand.weights.sum())
-        r = float((np.maximum(sim.max(axis=0), 0) * ref.weights).sum() / ref.weights.sum())
-        f = 2 * p * r / (p + r)
-    if len(cand.ids) == 2 or len(ref.ids) == 2:  # an empty text ([CLS] [SEP]): bert_score sets P and R to 0
-        p = r = 0.0
-    return p, r, 0.0 if np.isnan(f) else f
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    def padded(arrays: list[np.ndarray]) -> torch.Tensor:
+        return pad_sequence([torch.from_numpy(a) for a in arrays], batch_first=True)
+
+    out = np.zeros((len(pairs), 3))
+    for start in range(0, len(pairs), MATCH_PAIRS):
+        chunk = pairs[start : start + MATCH_PAIRS]
+        cand_w, ref_w = padded([c.weights for c, _ in chunk]), padded([r.weights for _, r in chunk])
+        with torch.inference_mode():
+            sim = torch.bmm(padded([c.embedding for c, _ in chunk]), padded([r.embedding for _, r in chunk]).mT)
+            p = (sim.amax(dim=2).clamp_min(0) * cand_w).sum(dim=1) / cand_w.sum(dim=1)
+            r = (sim.amax(dim=1).clamp_min(0) * ref_w).sum(dim=1) / ref_w.sum(dim=1)
+        out[start : start + len(chunk), 0] = p.double().numpy()
+        out[start : start + len(chunk), 1] = r.double().numpy()
+    # An empty text ([CLS] [SEP]) has no weights: bert_score sets its P and R to 0.
+    empty = np.array([len(c.ids) == 2 or len(r.ids) == 2 for c, r in pairs], dtype=bool)
+    out[empty, :2] = 0.0
+    p, r = out[:, 0], out[:, 1]
+    with np.errstate(invalid="ignore"):
+        out[:, 2] = np.nan_to_num(2 * p * r / (p + r), nan=0.0)
+    return out
 
 
 @functools.lru_cache(maxsize=1)
-def _rouge() -> Any:
-    from rouge_score import rouge_scorer
+def _stemmer() -> Any:
+    """rouge_score's Porter stemmer, remembering each word: stemming was half of ROUGE-L's time."""
+    from nltk.stem import porter
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return SimpleNamespace(stem=functools.lru_cache(maxsize=1 << 16)(porter.PorterStemmer().stem))
+
+
+def _rouge_tokens(text: str) -> tuple[str, ...]:
+    """The stemmed words rouge_score's RougeScorer(["rougeL"], use_stemmer=True) compares."""
+    from rouge_score import tokenize
+
+    return tuple(tokenize.tokenize(text, _stemmer()))
+
+
+def _lcs_length(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    """Length of the longest common subsequence, bit-parallel (Allison & Dix 1986, as Hyyroe 2004 writes it).
+
+    Bit i of `v` is 1 while a[i] is unmatched; one big-int step per word of `b` replaces the
+    row of len(a) Python cells that rouge_score's table fills (a third of ROUGE-L's time).
+    """
+    masks: dict[str, int] = {}
+    for i, word in enumerate(a):
+        masks[word] = masks.get(word, 0) | 1 << i
+    full = (1 << len(a)) - 1
+    v = full
+    for word in b:
+        u = v & masks.get(word, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F-measure (longest common subsequence of stemmed words)."""
-    return float(_rouge().score(reference, candidate)["rougeL"].fmeasure)
+    """ROUGE-L F-measure (longest common subsequence of stemmed words), equal to rouge_score's."""
+    cand, ref = _rouge_tokens(candidate), _rouge_tokens(reference)
+    if not cand or not ref:
+        return 0.0
+    lcs = _lcs_length(ref, cand)
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
 # ---- baselines -------------------------------------------------------------------------------
@@ -391,7 +443,7 @@ def dataset_baseline(store: Store, dataset_id: int, config: ScorerConfig) -> Bas
     if len(answers) < 2:
         raise BadInput("a baseline needs at least 2 accepted pairs in the dataset")
     texts = Scorer(config)._references(answers, store)
-    scores = np.array([_greedy(texts[answers[i]], texts[answers[j]]) for i, j in mismatched_pairs(len(answers))])
+    scores = _match([(texts[answers[i]], texts[answers[j]]) for i, j in mismatched_pairs(len(answers))])
     p, r, f = scores.mean(axis=0)
     store.execute(
         "INSERT OR IGNORE INTO score_baselines (scorer, dataset_id, f1, precision, recall, n_pairs)"

@@ -240,3 +240,42 @@ def test_unknown_runs_are_refused(store):
         score_run(store, 999, ScorerConfig())
     with pytest.raises(NotFound):
         run_scores(store, 999)
+
+
+# ---- the fast path equals the plain libraries ------------------------------------------------
+
+
+def test_cached_references_score_as_bert_score_does_to_1e_5(store, scorer):
+    import bert_score
+
+    pairs = accepted(store)[50:58]
+    refs = [p.answer for p in pairs]
+    cands = [f"{p.question} {q.answer}" for p, q in zip(pairs, pairs[1:] + pairs[:1])]
+    scorer.score(refs, refs, store)  # the references' embeddings go into the store
+    scoring._MEMORY.clear()  # and are read back from it, as by a later run
+
+    ours = scorer.score(cands, refs, store)
+
+    expected = bert_score.score(cands, refs, model_type=resolve_scorer(None), num_layers=SCORER_NUM_LAYERS)[2]
+    np.testing.assert_allclose([s.f1 for s in ours], expected.numpy(), atol=1e-5)
+
+
+def test_a_pair_scores_the_same_alone_and_among_others(store, scorer):
+    pairs = accepted(store)[60:70]
+    cands, refs = [p.question for p in pairs], [p.answer for p in pairs]
+
+    together = scorer.score(cands, refs)
+    alone = [scorer.score([c], [r])[0] for c, r in zip(cands, refs)]
+
+    np.testing.assert_allclose([s.f1 for s in together], [s.f1 for s in alone], atol=1e-6)
+
+
+def test_rouge_l_equals_rouge_score(store):
+    from rouge_score import rouge_scorer
+
+    plain = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = accepted(store)
+    texts = [p.answer for p in pairs[:30]] + [p.question for p in pairs[:30]] + ["", "a b a", "b a b b"]
+    for cand in texts:
+        for ref in texts[::7]:
+            assert rouge_l(cand, ref) == plain.score(ref, cand)["rougeL"].fmeasure, (cand, ref)
