@@ -363,9 +363,9 @@ def _match(pairs: list[tuple[_Text, _Text]]) -> np.ndarray:
     # An empty text ([CLS] [SEP]) has no weights: bert_score sets its P and R to 0.
     empty = np.array([len(c.ids) == 2 or len(r.ids) == 2 for c, r in pairs], dtype=bool)
     out[empty, :2] = 0.0
-    p, r = out[:, 0], out[:, 1]
+    precision, recall = out[:, 0], out[:, 1]
     with np.errstate(invalid="ignore"):
-        out[:, 2] = np.nan_to_num(2 * p * r / (p + r), nan=0.0)
+        out[:, 2] = np.nan_to_num(2 * precision * recall / (precision + recall), nan=0.0)
     return out
 
 

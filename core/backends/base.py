@@ -8,7 +8,7 @@ ends (not included in it). `completion_tokens` counts tokens produced so far, fo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -54,7 +54,9 @@ def batch_size_for(backend: Backend) -> int:
     return int(getattr(backend, "batch_size", None) or getattr(backend, "parallel", None) or 1)
 
 
-def answers_as_done(backend: Backend, requests: Sequence[Request], stop: Sequence[str] = ()) -> Iterator[Answer]:
+def answers_as_done(
+    backend: Backend, requests: Sequence[Request], stop: Sequence[str] = ()
+) -> Generator[Answer, None, None]:
     """Every request's answer, each as soon as it exists.
 
     A backend that decodes requests of different parameters together (the embedded engine's `answers`) gets

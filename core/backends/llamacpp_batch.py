@@ -233,7 +233,7 @@ class BatchedEngine:
                 # Admit: free slots go to the next requests, those of one prompt together.
                 while waiting and free:
                     text = requests[waiting[0]].prompt
-                    group = []
+                    group: list[_Sequence] = []
                     while (
                         waiting and free and requests[waiting[0]].prompt == text and (self.share_prompts or not group)
                     ):
