@@ -23,13 +23,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from core import dataset, intake, models, scoring, workspace
+from core import dataset, intake, models, scoring
 from core.store import Store
-from tests.benchmarks.common import report
+from tests.benchmarks.common import report, scratch_workspace
 
 N_ANSWERS = 100
 REPEATS = 3
@@ -120,26 +119,16 @@ def warm(store: Store) -> dict[str, float]:
 
 
 def main() -> dict:
-    previous = os.environ.get("WORKBENCH_HOME")
-    # The scratch workspace keeps using the prepared embedded models.
-    os.environ.setdefault("WORKBENCH_MODELS", str(workspace.models_dir()))
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["WORKBENCH_HOME"] = tmp
-        try:
-            with Store() as store:
-                intake.ensure_starter(store)
-                _, references = pairs(store)
-                # Fills the reference cache, as the first run of a dataset does.
-                scoring.Scorer(scoring.ScorerConfig(batch_size=BATCH_SIZE)).score(references, references, store)
-            # Before the warm side, so no process of this benchmark runs beside another.
-            figures = {"score_cached_cold_s": cold("cached"), "score_plain_bert_score_cold_s": cold("plain")}
-            with Store() as store:
-                figures |= warm(store)
-        finally:
-            if previous is None:
-                os.environ.pop("WORKBENCH_HOME")
-            else:
-                os.environ["WORKBENCH_HOME"] = previous
+    with scratch_workspace():
+        with Store() as store:
+            intake.ensure_starter(store)
+            _, references = pairs(store)
+            # Fills the reference cache, as the first run of a dataset does.
+            scoring.Scorer(scoring.ScorerConfig(batch_size=BATCH_SIZE)).score(references, references, store)
+        # Before the warm side, so no process of this benchmark runs beside another.
+        figures = {"score_cached_cold_s": cold("cached"), "score_plain_bert_score_cold_s": cold("plain")}
+        with Store() as store:
+            figures |= warm(store)
     ratios = {
         "cached_vs_plain_cold": figures["score_plain_bert_score_cold_s"] / figures["score_cached_cold_s"],
         "cached_vs_plain_warm": figures["score_plain_bert_score_warm_s"] / figures["score_cached_warm_s"],

@@ -15,11 +15,9 @@ Both llama.cpp sides use every core for generation (llama-cpp-python's default i
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 
-from core import dataset, intake, jobs, models, scoring, settings, stats, sweep, workspace
+from core import dataset, intake, jobs, models, scoring, settings, stats, sweep
 from core.backends import make_backend
 from core.backends.base import Request
 from core.backends.llamacpp import completion_kwargs
@@ -27,7 +25,7 @@ from core.backends.llamacpp_batch import BatchedEngine, _cores
 from core.decoding import DecodingParams
 from core.prompting import render_prompt, stop_sequences
 from core.store import Store
-from tests.benchmarks.common import report
+from tests.benchmarks.common import report, scratch_workspace
 
 N_QUESTIONS = 16
 PARAMS = DecodingParams(temperature=0.0, max_tokens=64, seed=0)
@@ -166,27 +164,15 @@ def batched_vs_single(store: Store) -> dict[str, float]:
 
 
 def main() -> dict:
-    previous = os.environ.get("WORKBENCH_HOME")
-    # The scratch workspace keeps using the prepared embedded models.
-    os.environ.setdefault("WORKBENCH_MODELS", str(workspace.models_dir()))
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["WORKBENCH_HOME"] = tmp
-        try:
-            store = Store()
-            intake.ensure_starter(store)
-            dataset.make_split(store, "starter", test_size=0.2)
-            figures = {**sweep_vs_raw(store)}
-            figures.update(prompt_sharing(store, int(figures["sweep_parallel"])))
-            figures.update(batch_size_table(store))
-            figures["memory_bandwidth_gb_s"] = memory_bandwidth_gb_s()
-            figures.update(greedy_agreement(store))
-            figures.update(batched_vs_single(store))
-            store.close()
-        finally:
-            if previous is None:
-                os.environ.pop("WORKBENCH_HOME")
-            else:
-                os.environ["WORKBENCH_HOME"] = previous
+    with scratch_workspace(), Store() as store:
+        intake.ensure_starter(store)
+        dataset.make_split(store, "starter", test_size=0.2)
+        figures = {**sweep_vs_raw(store)}
+        figures.update(prompt_sharing(store, int(figures["sweep_parallel"])))
+        figures.update(batch_size_table(store))
+        figures["memory_bandwidth_gb_s"] = memory_bandwidth_gb_s()
+        figures.update(greedy_agreement(store))
+        figures.update(batched_vs_single(store))
     limit = figures["memory_bandwidth_gb_s"] * 1e9 / figures["model_bytes"]
     ratios = {
         "sweep_vs_raw_llama": figures["sweep_tok_s"] / figures["raw_llama_tok_s"],

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from core import workspace
 
 
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+@contextlib.contextmanager
+def scratch_workspace() -> Iterator[str]:
+    """A fresh $WORKBENCH_HOME for one benchmark, still using the prepared embedded models; restored after."""
+    previous = os.environ.get("WORKBENCH_HOME")
+    os.environ.setdefault("WORKBENCH_MODELS", str(workspace.models_dir()))
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["WORKBENCH_HOME"] = tmp
+        try:
+            yield tmp
+        finally:
+            if previous is None:
+                os.environ.pop("WORKBENCH_HOME")
+            else:
+                os.environ["WORKBENCH_HOME"] = previous
 
 
 def timed(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
