@@ -157,7 +157,13 @@ _LOAD_LOCK = threading.Lock()
 
 def warm_up(config: ScorerConfig) -> threading.Thread:
     """Load the scorer in the background (imports and weights take seconds) while answers are generated."""
-    thread = threading.Thread(target=lambda: Scorer(config), daemon=True, name="scorer-warm-up")
+
+    def load() -> None:
+        # Everything a first score needs: the model, bert_score's encoder, rouge_score and nltk's stemmer.
+        _token_ids(Scorer(config).tokenizer, "warm up")
+        _rouge_tokens("warm up")
+
+    thread = threading.Thread(target=load, daemon=True, name="scorer-warm-up")
     thread.start()
     return thread
 

@@ -86,6 +86,15 @@ def test_a_prompt_asked_by_several_configurations_is_read_once(gguf):
     assert unshared.prompt_tokens_read == once + len(shared.tokenize(PROMPTS[0]))
 
 
+def test_a_request_admitted_while_its_prompt_is_answering_copies_that_prompts_cache(gguf):
+    engine = BatchedEngine(gguf, parallel=2)
+    two_tokens = DecodingParams(temperature=0.0, max_tokens=2)
+    requests = [Request(PROMPTS[0], two_tokens), Request(PROMPTS[0], GREEDY), Request(PROMPTS[0], GREEDY)]
+    texts = answers(engine, requests)  # the third takes the first's slot while the second still answers
+    assert engine.prompt_tokens_read == len(engine.tokenize(PROMPTS[0])) + 1  # + its last token, for logits
+    assert texts[2].split()[:3] == texts[1].split()[:3]  # it answers the question, not a prompt of one token
+
+
 def test_more_requests_than_slots_each_get_one_answer_and_short_ones_finish_first(gguf):
     engine = BatchedEngine(gguf, parallel=2)
     lengths = [24, 2, 24, 2, 2]
