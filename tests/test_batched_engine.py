@@ -62,6 +62,30 @@ def test_one_sequence_at_a_time_gives_exactly_the_answers_of_llama_cpp_pythons_c
         assert answers(engine, [Request(p, params) for p in PROMPTS[:2]]) == expected
 
 
+def test_samples_spread_over_threads_are_the_tokens_llama_cpps_own_sampler_draws(gguf):
+    import llama_cpp
+
+    from core.backends.llamacpp_batch import _add, _Samplers, _Sequence, sampler_chain
+
+    engine = BatchedEngine(gguf, parallel=1)
+    tokens = engine.tokenize(PROMPTS[0])  # loads the model
+    ctx = engine._context(512)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    for pos, token in enumerate(tokens):
+        _add(batch, token, pos, [0], logits=pos == len(tokens) - 1)
+    assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
+    llama_cpp.llama_batch_free(batch)
+    n_vocab, row = engine._model.n_vocab(), len(tokens) - 1
+    samplers = _Samplers(n_vocab, threads=2)
+    for params in (GREEDY, HOT):
+        native = sampler_chain(params, 7, n_vocab)
+        spread = [_Sequence(k, 0, 8, (), sampler_chain(params, 7, n_vocab), 0.0, logit_row=row) for k in range(3)]
+        for _ in range(10):  # the same logits each time: the seeded chains draw one stream of tokens
+            expected = native.sample(ctx, row)
+            assert samplers.sample(ctx, spread) == [expected] * 3
+    samplers.close()
+
+
 def test_a_batch_mixes_configurations_each_with_its_own_parameters(gguf):
     engine = BatchedEngine(gguf, parallel=4)
     short = DecodingParams(temperature=0.0, max_tokens=3)

@@ -84,7 +84,8 @@ class _Samplers:
         import numpy as np
 
         self.n_vocab = n_vocab
-        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._fresh = np.zeros(n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        self._fresh["id"] = np.arange(n_vocab)  # what each sample starts from, its logits then written in
         self._local = threading.local()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sampler")
 
@@ -97,7 +98,7 @@ class _Samplers:
         import numpy as np
 
         if not hasattr(self._local, "data"):
-            self._local.data = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._local.data = np.empty_like(self._fresh)
             self._local.header = llama_cpp.llama_token_data_array()
         return self._local.data, self._local.header
 
@@ -106,9 +107,8 @@ class _Samplers:
         import numpy as np
 
         data, header = self._candidates()
-        data["id"] = self._ids
+        data.view(np.uint8)[:] = self._fresh.view(np.uint8)  # bytes: numpy copies a record array field by field
         data["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
-        data["p"] = 0.0
         header.data = data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))  # a sampler may move it
         header.size, header.selected, header.sorted = self.n_vocab, -1, False
         llama_cpp.llama_sampler_apply(sampler.sampler, ctypes.byref(header))
