@@ -82,3 +82,59 @@ def summarize(values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: in
         ci_low=low,
         ci_high=high,
     )
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far two raters' labels on the same items agree (a judge and the humans, say)."""
+
+    n: int
+    equal_share: float  # items both labelled alike
+    kappa: float  # Cohen's kappa: agreement beyond what each rater's label frequencies give by chance
+    ci_low: float  # 95 % percentile-bootstrap interval of kappa, items resampled
+    ci_high: float
+    labels: tuple[str, ...]
+    confusion: tuple[tuple[int, ...], ...]  # confusion[i][j]: items the first labelled labels[i], the second labels[j]
+
+
+def _kappas(first: np.ndarray, second: np.ndarray, k: int) -> np.ndarray:
+    """Cohen's kappa of each row of two (resamples x items) arrays of label indices in range(k)."""
+    n = first.shape[1]
+    observed = (first == second).mean(axis=1)
+    counts_first = np.stack([(first == c).sum(axis=1) for c in range(k)], axis=1)
+    counts_second = np.stack([(second == c).sum(axis=1) for c in range(k)], axis=1)
+    expected = (counts_first * counts_second).sum(axis=1) / n**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(expected < 1, (observed - expected) / (1 - expected), np.nan)
+
+
+def agreement(
+    first: Sequence[str], second: Sequence[str], labels: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> Agreement:
+    """Cohen's kappa with its bootstrap interval and the confusion table of two raters' labels, item by item.
+
+    Kappa is NaN when chance alone predicts full agreement (both raters used one and the same label), and a
+    resample where that happens is left out of the interval. No items: NaNs and an empty table of zeros.
+    """
+    if len(first) != len(second):
+        raise BadInput(f"two raters' labels must be of equal length, got {len(first)} and {len(second)}")
+    labels = tuple(labels)
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({x for x in (*first, *second) if x not in index})
+    if unknown:
+        raise BadInput(f"labels must be among {', '.join(labels)}, got {', '.join(unknown)}")
+    k, nan = len(labels), float("nan")
+    a = np.array([index[x] for x in first], dtype=np.int64)
+    b = np.array([index[x] for x in second], dtype=np.int64)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (a, b), 1)
+    table = tuple(tuple(int(c) for c in row) for row in confusion)
+    if a.size == 0:
+        return Agreement(0, nan, nan, nan, nan, labels, table)
+    kappa = float(_kappas(a[None, :], b[None, :], k)[0])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, a.size, size=(n_boot, a.size))
+    resampled = _kappas(a[draws], b[draws], k)
+    resampled = resampled[~np.isnan(resampled)]
+    low, high = (float(q) for q in np.quantile(resampled, [0.025, 0.975])) if resampled.size else (nan, nan)
+    return Agreement(int(a.size), float((a == b).mean()), kappa, low, high, labels, table)

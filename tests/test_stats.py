@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core.errors import BadInput
-from core.stats import Summary, bootstrap_ci, summarize
+from core.stats import Summary, agreement, bootstrap_ci, summarize
 
 
 def test_the_interval_of_a_normal_sample_holds_the_true_mean_and_has_the_textbook_width():
@@ -73,3 +73,43 @@ def test_bad_arguments_are_refused():
         bootstrap_ci([1.0, 2.0], alpha=1.5)
     with pytest.raises(BadInput):
         summarize([[1.0, 2.0], [3.0, 4.0]])
+
+
+VERDICTS = ("a", "b", "tie")
+
+
+def test_a_rater_that_always_agrees_has_kappa_1_and_a_diagonal_confusion_table():
+    humans = ["a", "b", "tie", "a", "b", "a"] * 5
+    result = agreement(humans, list(humans), VERDICTS)
+    assert (result.n, result.equal_share, result.kappa) == (30, 1.0, 1.0)
+    assert result.ci_low == result.ci_high == 1.0
+    assert result.confusion == ((15, 0, 0), (0, 10, 0), (0, 0, 5))
+
+
+def test_a_rater_answering_at_random_has_kappa_near_0_inside_its_interval():
+    rng = np.random.default_rng(4)
+    humans, judge = (list(rng.choice(VERDICTS, size=300)) for _ in range(2))
+    result = agreement(humans, judge, VERDICTS)
+    assert abs(result.kappa) < 0.1
+    assert result.ci_low < 0 < result.ci_high
+    assert result.ci_low < result.kappa < result.ci_high
+
+
+def test_kappa_takes_out_the_agreement_chance_gives_and_reads_the_confusion_table_row_by_first_rater():
+    # 80 % equal, yet both say "a" 70 % of the time: chance alone gives 0.7*0.7 + 0.3*0.3 = 58 %.
+    first = ["a"] * 60 + ["b"] * 20 + ["a"] * 10 + ["b"] * 10
+    second = ["a"] * 60 + ["b"] * 20 + ["b"] * 10 + ["a"] * 10
+    result = agreement(first, second, ("a", "b"))
+    assert result.equal_share == pytest.approx(0.8)
+    assert result.kappa == pytest.approx((0.8 - 0.58) / (1 - 0.58))
+    assert result.confusion == ((60, 10), (10, 20))
+
+
+def test_agreement_with_one_label_everywhere_or_no_items_is_nan_and_bad_labels_are_refused():
+    assert math.isnan(agreement(["a"] * 5, ["a"] * 5, VERDICTS).kappa)
+    empty = agreement([], [], VERDICTS)
+    assert empty.n == 0 and math.isnan(empty.kappa) and empty.confusion == ((0,) * 3,) * 3
+    with pytest.raises(BadInput, match="among a, b, tie"):
+        agreement(["a", "maybe"], ["a", "b"], VERDICTS)
+    with pytest.raises(BadInput, match="equal length"):
+        agreement(["a"], [], VERDICTS)
