@@ -164,7 +164,7 @@ def engine_stamp(store: Store, spec: RunSpec) -> dict[str, Any]:
 
 
 def engine_mode(run: Run) -> str:
-    """'batched x8', 'single-stream' (the embedded engine's runs), '' for other backends."""
+    """'batched x16', 'single-stream' (the embedded engine's runs), '' for other backends."""
     stamp = run.config.get("engine")
     if not stamp:
         return "single-stream" if run.backend == "llamacpp" else ""
