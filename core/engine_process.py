@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -152,11 +152,18 @@ class EngineProcess:
 
     # ---- the Backend protocol ----
 
-    def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
+    ) -> list[str]:
         with self._lock:
             self._ensure()
-            message = {"op": "generate", "prompts": list(prompts), "params": dataclasses.asdict(params)}
-            reply = self._request({**message, "stop": list(stop)}, REPLY_TIMEOUT_S * max(len(prompts), 1))
+            message: dict[str, Any] = {"op": "generate", "prompts": list(prompts), "params": dataclasses.asdict(params)}
+            message.update(stop=list(stop), schema=None if schema is None else dict(schema))
+            reply = self._request(message, REPLY_TIMEOUT_S * max(len(prompts), 1))
         self.completion_tokens = reply["completion_tokens"]
         return reply["answers"]
 
@@ -237,7 +244,7 @@ def serve() -> int:
             assert backend is not None  # the parent always sends "open" first
             params = DecodingParams(**message["params"])
             if message["op"] == "generate":
-                answers = backend.generate(message["prompts"], params, message["stop"])
+                answers = backend.generate(message["prompts"], params, message["stop"], message.get("schema"))
                 reply(answers=answers, completion_tokens=backend.completion_tokens)
             elif message["op"] == "stream":
                 cancel.clear()

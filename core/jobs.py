@@ -45,6 +45,7 @@ JOB_KINDS: dict[str, str] = {
     "train": "core.training:run_train_job",
     "train-search": "core.train_search:run_train_search_job",
     "evaluate": "core.evaluation:run_evaluate_job",
+    "judge": "core.judging:run_judge_job",
 }
 
 # Kinds that fill the accelerator (or every CPU core): one runs at a time, the others wait queued.

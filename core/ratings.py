@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from core import runs
+from core import runs, stats
 from core.errors import BadInput
 from core.store import Store, now
 
@@ -54,7 +54,8 @@ def _rater(rater: str) -> str:
     return name
 
 
-def _canonical(store: Store, run_x: int, run_y: int) -> tuple[int, int]:
+def canonical_pair(store: Store, run_x: int, run_y: int) -> tuple[int, int]:
+    """Two runs as verdicts name them: (run_a, run_b), run_a the smaller id; NotFound for an unknown run."""
     if run_x == run_y:
         raise BadInput("rate two different runs")
     for run_id in (run_x, run_y):
@@ -67,15 +68,6 @@ def _draw(*key: object) -> str:
     return hashlib.sha256(repr(key).encode()).hexdigest()
 
 
-def _first_answers(store: Store, run_id: int) -> dict[int, str]:
-    rows = store.query(
-        "SELECT pair_id, answer FROM generations g WHERE run_id = ?"
-        " AND repeat = (SELECT MIN(repeat) FROM generations WHERE run_id = g.run_id AND pair_id = g.pair_id)",
-        (run_id,),
-    )
-    return {r["pair_id"]: r["answer"] for r in rows}
-
-
 def _rated(store: Store, rater: str, run_a: int, run_b: int) -> set[int]:
     rows = store.query("SELECT pair_id FROM ratings WHERE rater = ? AND run_a = ? AND run_b = ?", (rater, run_a, run_b))
     return {r["pair_id"] for r in rows}
@@ -84,8 +76,8 @@ def _rated(store: Store, rater: str, run_a: int, run_b: int) -> set[int]:
 def next_item(store: Store, rater: str, run_x: int, run_y: int, seed: int | None = None) -> RatingItem | None:
     """The next shared question this rater has not rated for these runs, or None when all are rated."""
     rater = _rater(rater)
-    run_a, run_b = _canonical(store, run_x, run_y)
-    answers_a, answers_b = _first_answers(store, run_a), _first_answers(store, run_b)
+    run_a, run_b = canonical_pair(store, run_x, run_y)
+    answers_a, answers_b = runs.first_answers(store, run_a), runs.first_answers(store, run_b)
     rated = _rated(store, rater, run_a, run_b)
     todo = [p for p in answers_a if p in answers_b and p not in rated]
     if not todo:
@@ -108,7 +100,7 @@ def record(store: Store, rater: str, item: RatingItem, choice: str) -> None:
     rater = _rater(rater)
     if choice not in CHOICES:
         raise BadInput(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
-    run_a, run_b = _canonical(store, item.left_run, item.right_run)
+    run_a, run_b = canonical_pair(store, item.left_run, item.right_run)
     if choice == "tie":
         verdict = "tie"
     else:
@@ -123,10 +115,11 @@ def record(store: Store, rater: str, item: RatingItem, choice: str) -> None:
 
 
 def rated_count(store: Store, rater: str, run_x: int, run_y: int) -> int:
-    return len(_rated(store, _rater(rater), *_canonical(store, run_x, run_y)))
+    return len(_rated(store, _rater(rater), *canonical_pair(store, run_x, run_y)))
 
 
-def _verdicts(store: Store, run_a: int, run_b: int) -> list[tuple[str, int, str]]:
+def verdicts(store: Store, run_a: int, run_b: int) -> list[tuple[str, int, str]]:
+    """Every (rater, pair_id, verdict) on two runs in canonical order, oldest first."""
     rows = store.query(
         "SELECT rater, pair_id, verdict FROM ratings WHERE run_a = ? AND run_b = ? ORDER BY id", (run_a, run_b)
     )
@@ -145,8 +138,14 @@ def wilson_interval(successes: float, n: int, z: float = _Z95) -> tuple[float, f
 
 def win_rates(store: Store, run_x: int, run_y: int) -> WinRates:
     """Every rater's verdicts on these two runs, from run_x's side; a tie counts half a win."""
-    run_a, run_b = _canonical(store, run_x, run_y)
-    counts = Counter(v for _, _, v in _verdicts(store, run_a, run_b))
+    run_a, run_b = canonical_pair(store, run_x, run_y)
+    return win_rates_of([v for _, _, v in verdicts(store, run_a, run_b)], run_x, run_y)
+
+
+def win_rates_of(canonical_verdicts: list[str], run_x: int, run_y: int) -> WinRates:
+    """Win rates of run_x over run_y from verdicts in canonical terms ('a': the smaller run id's answer won)."""
+    run_a, run_b = min(run_x, run_y), max(run_x, run_y)
+    counts = Counter(canonical_verdicts)
     wins = {run_a: counts["a"], run_b: counts["b"]}
     n = sum(counts.values())
     score = wins[run_x] + counts["tie"] / 2
@@ -164,27 +163,28 @@ def agreement(store: Store, run_x: int, run_y: int) -> dict | None:
     numbers of raters). Kappa is NaN when chance alone predicts full agreement (one category used).
     """
     by_item: dict[int, dict[str, str]] = {}
-    for rater, pair_id, verdict in _verdicts(store, *_canonical(store, run_x, run_y)):
+    for rater, pair_id, verdict in verdicts(store, *canonical_pair(store, run_x, run_y)):
         by_item.setdefault(pair_id, {})[rater] = verdict
     shared = {p: v for p, v in by_item.items() if len(v) >= 2}
     if not shared:
         return None
     raters = sorted({r for v in shared.values() for r in v})
-    per_item = []
-    for verdicts in shared.values():
-        counts, m = Counter(verdicts.values()), len(verdicts)
-        per_item.append(sum(c * (c - 1) for c in counts.values()) / (m * (m - 1)))
-    observed = sum(per_item) / len(per_item)
-    if len(raters) == 2:
+    if len(raters) == 2:  # every shared item has both
         method = "Cohen"
-        first, second = (Counter(v[r] for v in shared.values()) for r in raters)
-        expected = sum(first[k] * second[k] for k in VERDICTS) / len(shared) ** 2
+        first, second = ([v[r] for v in shared.values()] for r in raters)
+        cohen = stats.agreement(first, second, VERDICTS)
+        observed, kappa = cohen.equal_share, cohen.kappa
     else:
         method = "Fleiss"
+        per_item = []
+        for given in shared.values():
+            counts, m = Counter(given.values()), len(given)
+            per_item.append(sum(c * (c - 1) for c in counts.values()) / (m * (m - 1)))
+        observed = sum(per_item) / len(per_item)
         pooled = Counter(x for v in shared.values() for x in v.values())
         total = sum(pooled.values())
         expected = sum((c / total) ** 2 for c in pooled.values())
-    kappa = (observed - expected) / (1 - expected) if expected < 1 else float("nan")
+        kappa = (observed - expected) / (1 - expected) if expected < 1 else float("nan")
     return {
         "items": len(shared),
         "raters": len(raters),

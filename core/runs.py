@@ -266,6 +266,16 @@ def get_run(store: Store, run_id: int) -> Run:
     return _to_run(row)
 
 
+def first_answers(store: Store, run_id: int) -> dict[int, str]:
+    """A run's answer to each of its questions, its first repeat's (what raters and judges are shown)."""
+    rows = store.query(
+        "SELECT pair_id, answer FROM generations g WHERE run_id = ?"
+        " AND repeat = (SELECT MIN(repeat) FROM generations WHERE run_id = g.run_id AND pair_id = g.pair_id)",
+        (run_id,),
+    )
+    return {r["pair_id"]: r["answer"] for r in rows}
+
+
 def run_pairs(store: Store, run: Run) -> list[ds.StoredPair]:
     """The questions a run asks and the references it is scored on: fixed when it was created, whatever
     is edited, accepted or rejected later."""

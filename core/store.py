@@ -271,6 +271,44 @@ MIGRATIONS: list[str] = [
     ALTER TABLE split_members_v6 RENAME TO split_members;
     ALTER TABLE runs ADD COLUMN selection TEXT NOT NULL DEFAULT '{}';
     """,
+    # 7: an LLM judge's replies (core.judging), per judge stamp: pairwise, one per pair of runs, question and
+    # order shown ('ab': run_a's answer first); rubric, one per run and question. A reply that did not parse is
+    # kept with a NULL verdict (or scores), so that it is counted, never guessed.
+    """
+    CREATE TABLE judges (
+        stamp TEXT PRIMARY KEY,
+        config TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE judge_pairwise (
+        id INTEGER PRIMARY KEY,
+        stamp TEXT NOT NULL REFERENCES judges(stamp),
+        pair_id INTEGER NOT NULL REFERENCES pairs(id) ON DELETE CASCADE,
+        run_a INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        run_b INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        position TEXT NOT NULL CHECK (position IN ('ab', 'ba')),
+        reply TEXT NOT NULL,
+        verdict TEXT CHECK (verdict IN ('a', 'b', 'tie')),
+        reason TEXT NOT NULL DEFAULT '',
+        seconds REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        CHECK (run_a < run_b),
+        UNIQUE (stamp, pair_id, run_a, run_b, position)
+    );
+    CREATE TABLE judge_rubric (
+        id INTEGER PRIMARY KEY,
+        stamp TEXT NOT NULL REFERENCES judges(stamp),
+        pair_id INTEGER NOT NULL REFERENCES pairs(id) ON DELETE CASCADE,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        reply TEXT NOT NULL,
+        scores TEXT,
+        mean REAL,
+        reason TEXT NOT NULL DEFAULT '',
+        seconds REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        UNIQUE (stamp, pair_id, run_id)
+    );
+    """,
 ]
 
 

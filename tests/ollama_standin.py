@@ -15,7 +15,8 @@ Switches, settable at any time: `busy` (503 on generation), `fail_mid_stream` (a
 line inside a 200 stream; a 500 when not streaming), `delay` (seconds before a generation
 request is answered, to provoke client timeouts), `chunk_delay` (seconds between stream
 chunks), `raw_reply` (when not None, every /api/ request is answered 200 with this JSON value
-instead, an array say: a server that is not Ollama, or a broken proxy). Every request is
+instead, an array say: a server that is not Ollama, or a broken proxy), `reply` (when not None, a function
+of the request body whose text is the answer instead of the echo: a judge model, say). Every request is
 recorded (method, path, parsed JSON body), so tests can assert what really went over the wire.
 
 It never binds anything but 127.0.0.1 and never runs a model. `stop()` makes the server
@@ -31,7 +32,7 @@ import json
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,6 +104,7 @@ class OllamaStandin:
         self.busy = busy
         self.fail_mid_stream = fail_mid_stream
         self.raw_reply: Any = None
+        self.reply: Callable[[dict[str, Any]], str] | None = None
         self.version = version
         self.port = port
         self._lock = threading.Lock()
@@ -338,7 +340,10 @@ class _Handler(BaseHTTPRequestHandler):
             prompt = str(user[-1].get("content") or "") if user else ""
         else:
             prompt = str(body.get("prompt") or "")
-        words, done_reason = answer_words(prompt, body.get("options") or {})
+        if standin.reply is not None:
+            words, done_reason = standin.reply(body).split(" "), "stop"
+        else:
+            words, done_reason = answer_words(prompt, body.get("options") or {})
         pieces = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
         final = {
             "done": True,

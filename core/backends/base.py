@@ -2,15 +2,18 @@
 
 A backend turns prompt texts into answers. It never touches the store and never decides
 what a prompt looks like (that is core.prompting). `stop` lists strings at which an answer
-ends (not included in it). `completion_tokens` counts tokens produced so far, for tokens/s.
+ends (not included in it). `schema`, when given, is a JSON schema the answer must follow: an engine
+that can constrain its output to one does (Ollama's `format`, a llama.cpp grammar); one that cannot
+answers freely, and the caller reads what it can (core.judge). `completion_tokens` counts tokens
+produced so far, for tokens/s.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from core.decoding import DecodingParams
 from core.errors import BackendError
@@ -21,7 +24,13 @@ class Backend(Protocol):
     name: str
     completion_tokens: int
 
-    def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
+    ) -> list[str]:
         """One answer per prompt, in order."""
         ...
 
@@ -36,10 +45,11 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class Request:
-    """One answer asked for: a prompt and the parameters to decode it with."""
+    """One answer asked for: a prompt, the parameters to decode it with, and the JSON schema it must follow."""
 
     prompt: str
     params: DecodingParams
+    schema: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,19 +70,23 @@ def answers_as_done(
     """Every request's answer, each as soon as it exists.
 
     A backend that decodes requests of different parameters together (the embedded engine's `answers`) gets
-    them all at once; the others get runs of requests with equal parameters, `batch_size_for` at a time.
+    them all at once; the others get runs of requests with equal parameters and schema, `batch_size_for` at a time.
     """
     if hasattr(backend, "answers"):
         yield from backend.answers(requests, stop)
         return
     size, start = batch_size_for(backend), 0
     while start < len(requests):
-        params = requests[start].params
+        params, schema = requests[start].params, requests[start].schema
         end = start + 1
-        while end < len(requests) and end - start < size and requests[end].params == params:
+        while (
+            end < len(requests)
+            and end - start < size
+            and (requests[end].params, requests[end].schema) == (params, schema)
+        ):
             end += 1
         began = time.monotonic()
-        texts = backend.generate([r.prompt for r in requests[start:end]], params, stop)
+        texts = backend.generate([r.prompt for r in requests[start:end]], params, stop, schema)
         if len(texts) != end - start:
             raise BackendError(f"{backend.name} returned {len(texts)} answers for {end - start} prompts")
         seconds = (time.monotonic() - began) / (end - start)

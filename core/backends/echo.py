@@ -7,7 +7,8 @@ plumbing; `delay` (seconds per answer) makes a job slow enough to watch or to ki
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from core.backends.base import cut_at_stop
 from core.decoding import DecodingParams
@@ -25,7 +26,13 @@ class EchoBackend:
         words = f"You asked: {prompt}".split()[: params.max_tokens]
         return cut_at_stop(" ".join(words), stop).split()
 
-    def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,  # an echo follows no schema
+    ) -> list[str]:
         return ["".join(self.stream(p, params, stop)) for p in prompts]
 
     def stream(self, prompt: str, params: DecodingParams, stop: Sequence[str] = ()) -> Iterator[str]:

@@ -2,12 +2,14 @@
 
 Used for fine-tuned adapters and base-vs-adapter comparisons. Prompts are left-padded so
 a batch generates together. Weights load only from safetensors, never with remote code.
+transformers has no JSON-schema constraint of its own: a `schema` is not enforced, and an answer
+asked for as JSON is read by its caller as it comes.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from core import models
@@ -75,7 +77,13 @@ class TransformersBackend:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise BackendUnavailable(f"transformers could not load {self.model_name}: {reason}") from None
 
-    def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
+    ) -> list[str]:
         import torch
 
         self._load()

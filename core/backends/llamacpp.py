@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from core import engine, models
@@ -107,9 +107,15 @@ class LlamaCppBackend:
         with self._lock:
             yield from self._batched.answers(requests, stop)
 
-    def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
+    ) -> list[str]:
         texts = [""] * len(prompts)
-        for answer in self.answers([Request(p, params) for p in prompts], stop):
+        for answer in self.answers([Request(p, params, schema) for p in prompts], stop):
             texts[answer.index] = answer.text
         return texts
 

@@ -44,8 +44,10 @@ N_BATCH = 512  # tokens per llama_decode call, llama-cpp-python's default
 CTX_ROUND = 256
 
 
-def sampler_chain(params: DecodingParams, seed: int, n_vocab: int) -> Any:
-    """The chain llama-cpp-python's create_completion builds for these parameters (Llama._init_sampler)."""
+def sampler_chain(params: DecodingParams, seed: int, n_vocab: int, model: Any = None, grammar: Any = None) -> Any:
+    """The chain llama-cpp-python's create_completion builds for these parameters (Llama._init_sampler); a
+    grammar (a `LlamaGrammar` of the answer's JSON schema, with the `model` it is read against) goes where
+    create_completion puts one, after the penalties."""
     from llama_cpp import _internals
 
     chain = _internals.LlamaSampler()
@@ -56,6 +58,8 @@ def sampler_chain(params: DecodingParams, seed: int, n_vocab: int) -> Any:
         penalty_freq=0.0,
         penalty_present=0.0,
     )
+    if grammar is not None:
+        chain.add_grammar(model, grammar)
     if params.greedy:
         chain.add_greedy()
     else:
@@ -281,6 +285,7 @@ class BatchedEngine:
         ctx = self._context(_round_up(self.parallel * longest + N_BATCH, CTX_ROUND))
         memory = llama_cpp.llama_get_memory(ctx.ctx)
         vocab, n_vocab = model.vocab, model.n_vocab()
+        grammars = _grammars(requests)
 
         # Requests of one prompt next to each other, in the order their prompts first appear.
         rank = {text: k for k, text in enumerate(prompts)}
@@ -309,7 +314,7 @@ class BatchedEngine:
                                 seq_id=free.pop(0),
                                 max_tokens=min(params.max_tokens, self.seq_ctx - len(prompts[text])),
                                 stop=stop,
-                                sampler=sampler_chain(params, seed, n_vocab),
+                                sampler=sampler_chain(params, seed, n_vocab, model, grammars.get(index)),
                                 started=time.monotonic(),
                             )
                         )
@@ -379,6 +384,27 @@ class BatchedEngine:
         seq.sampler.close()
         if seq.seq_id not in free:
             free.append(seq.seq_id)
+
+
+def _grammars(requests: Sequence[Request]) -> dict[int, Any]:
+    """The grammar of each request that asks for a JSON schema, by its index (one per distinct schema)."""
+    import json
+
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    made: dict[str, Any] = {}
+    out = {}
+    for index, request in enumerate(requests):
+        if request.schema is None:
+            continue
+        text = json.dumps(request.schema, sort_keys=True)
+        if text not in made:
+            try:
+                made[text] = LlamaGrammar.from_json_schema(json.dumps(request.schema), verbose=False)
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise BadInput(f"llama.cpp cannot constrain an answer to this JSON schema: {exc}") from None
+        out[index] = made[text]
+    return out
 
 
 def _add(batch: Any, token: int, pos: int, seq_ids: Sequence[int], logits: bool) -> int:

@@ -143,8 +143,10 @@ def build_generate_request(
     stream: bool,
     system: str | None = None,
     stop: Sequence[str] = (),
+    schema: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for `ollama.Client.generate`, which are also the /api/generate JSON body."""
+    """Keyword arguments for `ollama.Client.generate`, which are also the /api/generate JSON body; a `schema`
+    goes in `format`, where Ollama constrains the answer to JSON of that schema."""
     request: dict[str, Any] = {
         "model": model,
         "prompt": prompt,
@@ -153,6 +155,8 @@ def build_generate_request(
     }
     if system is not None:
         request["system"] = system
+    if schema is not None:
+        request["format"] = dict(schema)
     return request
 
 
@@ -243,10 +247,18 @@ class OllamaBackend:
 
     # -- the Backend protocol
 
-    def generate(self, prompts: Sequence[str], params: DecodingParams, stop: Sequence[str] = ()) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
+    ) -> list[str]:
         """One answer per prompt, in order; up to `parallel` requests in flight at once."""
         self._require_model()
-        requests = [build_generate_request(self.model, p, params, stream=False, stop=stop) for p in prompts]
+        requests = [
+            build_generate_request(self.model, p, params, stream=False, stop=stop, schema=schema) for p in prompts
+        ]
         if self.parallel == 1 or len(requests) <= 1:
             return [self._generate_one(r, stop) for r in requests]
         with ThreadPoolExecutor(max_workers=min(self.parallel, len(requests)), thread_name_prefix="ollama") as pool:
