@@ -15,8 +15,12 @@ verdicts for which the judge has one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import pandas as pd
 
 from core import jobs, ratings, runs, settings, stats
 from core.backends.base import Request, answers_as_done
@@ -28,6 +32,7 @@ from core.judge import (
     VERDICTS,
     JudgeConfig,
     canonical,
+    describe,
     flipped,
     judge_stamp,
     pair_verdict,
@@ -213,17 +218,16 @@ class JudgeResult:
     def headline(self) -> str:
         unparsed = f", {self.unparseable} of {self.replies} replies unparseable"
         if self.config.mode == "pairwise":
-            w = self.win_rates
-            wins = (
-                f"run {self.run_a} wins {w.win_rate_x:.0%} (95% CI {w.ci_low:.0%}–{w.ci_high:.0%}) of {w.n}"
-                if w and w.n
-                else "no consistent verdict yet"
-            )
+            wins = win_rate_text(self.win_rates) if self.win_rates and self.win_rates.n else "no consistent verdict yet"
             bias = "" if self.position_bias != self.position_bias else f", position bias {self.position_bias:.0%}"
             return f"{wins}{bias}{unparsed}; {self.humans.describe()}"
         overall = {m.run_id: m.summary for m in self.means if m.criterion == "overall"}
         scored = ", ".join(f"run {r} {s.mean:.2f}/5" for r, s in overall.items() if s.n)
         return f"rubric means {scored or 'none yet'}{unparsed}; {self.humans.describe()}"
+
+
+def win_rate_text(w: ratings.WinRates) -> str:
+    return f"run {w.run_x} wins {w.win_rate_x:.0%} (95% CI {w.ci_low:.0%}–{w.ci_high:.0%}) of {w.n}"
 
 
 def judges_of(store: Store, run_x: int, run_y: int) -> list[JudgeConfig]:
@@ -309,3 +313,37 @@ def judge_result(store: Store, config: JudgeConfig, run_x: int, run_y: int) -> J
 def results(store: Store, run_x: int, run_y: int) -> list[JudgeResult]:
     """Every judge's result on these two runs, oldest judge first."""
     return [judge_result(store, config, run_x, run_y) for config in judges_of(store, run_x, run_y)]
+
+
+def results_table(store: Store, run_ids: Sequence[int]) -> pd.DataFrame:
+    """One row per judge and pair of these runs: its verdicts beside the humans' on the same pair, and how far
+    it agrees with them (what the Compare page, the report and `compare` show)."""
+    rows = []
+    for run_x, run_y in itertools.combinations(sorted(set(run_ids)), 2):
+        humans = ratings.win_rates(store, run_x, run_y)
+        for result in results(store, run_x, run_y):
+            w, agreement = result.win_rates, result.humans.agreement
+            rows.append(
+                {
+                    "runs": f"{run_x} vs {run_y}",
+                    "judge": describe(result.config),
+                    "replies": result.replies,
+                    "unparseable": result.unparseable,
+                    "verdicts": len(result.verdicts),
+                    "position bias": result.position_bias if result.config.mode == "pairwise" else None,
+                    "judge: first run wins": w.win_rate_x if w and w.n else None,
+                    "judge 95% CI": _interval(w) if w and w.n else "",
+                    "humans: first run wins": humans.win_rate_x if humans.n else None,
+                    "humans 95% CI": _interval(humans) if humans.n else "",
+                    "human verdicts": humans.n,
+                    "agreement": agreement.equal_share if agreement else None,
+                    "kappa": agreement.kappa if agreement else None,
+                    "kappa 95% CI": f"{agreement.ci_low:.2f} to {agreement.ci_high:.2f}" if agreement else "",
+                    "with the humans": result.humans.describe(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _interval(w: ratings.WinRates) -> str:
+    return f"{w.ci_low:.2f} to {w.ci_high:.2f} (n={w.n})"

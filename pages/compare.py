@@ -7,9 +7,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import compare, ratings, runs, sweep
+from core import compare, judge, judging, ratings, runs, sweep
 from core.errors import WorkbenchError
-from workbench import figures, ui
+from core.judge import JudgeConfig
+from workbench import figures, forms, ui
 
 st.title("Compare")
 store = ui.store()
@@ -18,6 +19,14 @@ if not summaries:
     st.info("No runs yet: sweep decoding parameters on the Sweep page (or fine-tune) to get runs to compare.")
     st.stop()
 by_id = {s.run.id: s for s in summaries}
+
+
+WEAK_JUDGE_NOTE = (
+    "The embedded Gemma 270M is no judge: on 23 pairs of the starter test split rated blind by hand it answered"
+    ' "Answer 1" every time (position bias 100%, no pairwise verdict) and scored every answer 1/5 on the rubric'
+    " (Cohen's kappa 0.00 with the human ratings). For verdicts to rely on, judge with a bigger model through"
+    " Ollama, and check its agreement here."
+)
 
 
 def label(run_id: int) -> str:
@@ -102,7 +111,7 @@ names = {i: f"run {i}" for i in chosen}
 
 scores = {names[i]: per_question[i].dropna().tolist() for i in chosen}
 
-tabs = st.tabs(["Distributions", "Summary", "What differs", "Answers", "Blind rating", "Report"])
+tabs = st.tabs(["Distributions", "Summary", "What differs", "Answers", "Blind rating", "Judge", "Report"])
 with tabs[0]:
     view = st.segmented_control("View", ["side by side", "overlaid", "box", "violin"], default="side by side")
     if view == "overlaid":
@@ -206,6 +215,53 @@ with tabs[4]:
                 st.caption(f"Agreement between raters: {agreement}")
 
 with tabs[5]:
+    st.markdown(
+        "An LLM judge reads the question, the reference and two answers and says which is better (asked in both"
+        " orders: a verdict counts only when both agree), or scores each answer 1–5 per criterion. Its agreement"
+        " with the blind human ratings of the same pairs is shown beside every result."
+    )
+    st.caption(WEAK_JUDGE_NOTE)
+    j1, j2 = st.columns(2)
+    judge_x = j1.selectbox("Run", chosen, format_func=lambda i: names[i], key="judge-x")
+    judge_y = j2.selectbox(
+        "against", [i for i in chosen if i != judge_x] or chosen, format_func=lambda i: names[i], key="judge-y"
+    )
+    if judge_x == judge_y:
+        st.caption("Pick two different runs.")
+    else:
+        with st.form("judge"):
+            values = forms.config_form(
+                JudgeConfig,
+                key="judge",
+                only=("backend", "model", "mode", "max_tokens"),
+                widgets={"model": {"placeholder": "the embedded Gemma 270M"}},
+                columns=4,
+            )
+            values |= forms.config_form(JudgeConfig, key="judge", only=("criteria",))
+            submitted = st.form_submit_button("Run the judge", icon=":material/gavel:")
+        if submitted:
+            job_id = ui.attempt(lambda: judging.start_judging(store, JudgeConfig.from_dict(values), judge_x, judge_y))
+            if job_id:
+                st.session_state["judge_job"] = job_id
+        if st.session_state.get("judge_job"):
+            ui.job_panel(st.session_state["judge_job"], log_lines=4)
+        judged = judging.results_table(store, [judge_x, judge_y])
+        if judged.empty:
+            st.caption("No judge has judged these two runs yet.")
+        else:
+            st.dataframe(judged, hide_index=True, width="stretch")
+            humans = ratings.win_rates(store, min(judge_x, judge_y), max(judge_x, judge_y))
+            rated = judging.win_rate_text(humans) if humans.n else "no blind ratings of these runs yet"
+            st.markdown(f"**Humans** — {rated}")
+            for result in judging.results(store, judge_x, judge_y):
+                st.markdown(f"**{ui.plain(judge.describe(result.config))}** — {ui.plain(result.headline())}")
+            st.caption(
+                f"Win rates are run {min(judge_x, judge_y)}'s over run {max(judge_x, judge_y)} (a tie counts half),"
+                " 95% Wilson intervals; agreement and Cohen's kappa (95% bootstrap interval) on the human verdicts"
+                " the judge has a verdict beside; position bias: pairs whose verdict flipped with the order."
+            )
+
+with tabs[6]:
     if comparable and len(chosen) > 1:
         from workbench import comparison
 

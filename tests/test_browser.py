@@ -4,6 +4,7 @@ Screenshots go to $WORKBENCH_SHOTS (the README's docs/screenshots when refreshed
 temporary folder.
 """
 
+import json
 import os
 import re
 import sqlite3
@@ -224,7 +225,7 @@ def test_a_small_sweep_started_in_the_browser_shows_its_histogram(app_server, pa
     assert not page.query_selector("[data-testid='stException']")
 
 
-def test_compare_two_runs_then_rate_three_blind_pairs_that_survive_a_reload(app_server, page):
+def test_compare_two_runs_rate_three_blind_pairs_that_survive_a_reload_then_judge_them(app_server, page):
 
     from tests.conftest import run_cli
 
@@ -294,6 +295,37 @@ def test_compare_two_runs_then_rate_three_blind_pairs_that_survive_a_reload(app_
     page.get_by_role("textbox", name="Your name").press("Enter")
     wait_for_streamlit(page)
     page.get_by_text("97 left to rate").wait_for(timeout=30_000)
+
+    # The judge, on the pair just rated: an Ollama stand-in that prefers the longer answer, whichever side.
+    from tests.ollama_standin import OllamaStandin
+
+    def prefers_longer(body: dict) -> str:
+        first, second = re.search(r"Answer 1: (.*)\n\nAnswer 2: (.*)\n\nWhich", body["prompt"], re.S).groups()
+        better = "tie" if len(first) == len(second) else ("1" if len(first) > len(second) else "2")
+        return json.dumps({"reason": "the longer one", "better": better})
+
+    with OllamaStandin() as server:
+        server.reply = prefers_longer
+        assert run_cli("settings", "--ollama-host", server.url, env=env).returncode == 0
+        page.get_by_role("tab", name="Judge").click()
+        form = page.get_by_test_id("stForm").filter(has_text="Run the judge")
+        form.locator("[data-testid='stSelectbox']").filter(has_text="Backend").locator("input").first.click()
+        page.keyboard.type("ollama")
+        page.keyboard.press("Enter")
+        form.get_by_role("textbox", name="Model").fill("standin-small")
+        click_button(page, "Run the judge")
+        page.get_by_text(re.compile(r"done: run \d+ wins")).first.wait_for(timeout=120_000)
+        asked = len([r for r in server.requests if r.path == "/api/generate"])
+    assert asked == 200  # 100 shared questions, both orders
+    page.reload()
+    wait_for_streamlit(page)
+    page.get_by_role("tab", name="Judge").click()
+    table = page.locator("[data-testid='stDataFrame']").filter(visible=True).last
+    table.wait_for(timeout=30_000)
+    text = page.locator("[data-testid='stMainBlockContainer']").inner_text()
+    assert re.search(r"Humans — run \d+ wins \d+% \(95% CI \d+%–\d+%\) of 3", text), text
+    assert re.search(r"pairwise judge · ollama · standin-small — run \d+ wins \d+% .* position bias 0%", text)
+    assert "agrees with the humans on" in text and "of 3 human verdicts" in text
 
 
 def _step(page) -> int:

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from core.config import Config, specs
 from core.decoding import DecodingParams
 from core.evaluation import EvalConfig
+from core.judge import JudgeConfig
 from core.qa_generation import QAGenerationConfig
 from core.quality import QualityConfig
 from core.settings import WorkbenchSettings
@@ -81,6 +82,7 @@ COMMANDS = {
     DecodingParams: "sweep",
     QAGenerationConfig: "generate-qa",
     EvalConfig: "evaluate",
+    JudgeConfig: "judge",
     QualityConfig: None,
     WorkbenchSettings: None,
 }

@@ -218,3 +218,23 @@ def test_the_embedded_engine_is_held_to_the_judges_schema(embedded_models):
     assert all(judge.read_pairwise(r).parsed for r in replies), replies
     (reply,) = backend.generate([judge.rubric_prompt(rubric, *args[:3])], rubric.params, schema=rubric.schema)
     assert set(judge.read_rubric(rubric, reply).scores) == {"clear", "sound"}, reply
+
+
+def test_the_cli_judges_two_runs_and_compare_reports_the_judge_beside_the_humans(store, two_runs, server, tmp_path):
+    from tests.conftest import run_cli
+
+    server.reply = prefers_later_run
+    rate(store, "ana", *two_runs, lambda pair_id: "b" if pair_id % 2 else "a")
+    judged = run_cli("judge", *map(str, two_runs), "--backend", "ollama", "--model", "standin-small")
+    assert judged.returncode == 0, judged.stderr
+    assert "position bias 0%" in judged.stdout and "of 6 human verdicts" in judged.stdout
+    report = tmp_path / "report.html"
+    compared = run_cli("compare", *map(str, two_runs), "-o", str(report))
+    assert compared.returncode == 0, compared.stderr
+    assert "pairwise judge · ollama · standin-small: agrees with the humans on" in compared.stdout
+    html = report.read_text()
+    assert "LLM judges beside the blind human ratings" in html and "agrees with the humans on" in html
+
+    refused = run_cli("judge", str(two_runs[0]), str(two_runs[0]), "--backend", "ollama", "--model", "m")
+    assert refused.returncode == 2 and "two different runs" in refused.stderr
+    assert len(store.query("SELECT stamp FROM judges")) == 1

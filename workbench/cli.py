@@ -17,11 +17,12 @@ from dataclasses import is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from core import compare, dataset, formats, intake, jobs, models, qa_generation, runs
+from core import compare, dataset, formats, intake, jobs, judge, models, qa_generation, runs
 from core.config import FieldSpec, specs
 from core.config import spec as field_spec
 from core.errors import BadInput, WorkbenchError
 from core.evaluation import EvalConfig
+from core.judge import JudgeConfig
 from core.quality import QualityConfig
 from core.settings import WorkbenchSettings
 from core.store import Store
@@ -132,6 +133,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from core import judging
     from workbench import comparison  # plotly loads only for this command
 
     if len(set(args.run_ids)) < 2:
@@ -147,11 +149,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
         summary = compare.summary_table(store, args.run_ids, metric=args.metric, baseline_run=args.baseline)
         notes = compare.selection_notes(store, args.run_ids)
+        judged = judging.results_table(store, args.run_ids)
     print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in csvs))
     _print_rows(summary.round(4).to_dict("records"), False)
+    for _, row in judged.iterrows():
+        print(f"runs {row['runs']}, {row['judge']}: {row['with the humans']}")
     for note in notes:  # the comparison stands, with a warning like import's
         print(f"warning: {note}", file=sys.stderr)
     return 0
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from core import judging
+
+    config = JudgeConfig.from_dict(flag_values(args, JudgeConfig))
+    with open_workspace() as store:
+        job_id = judging.start_judging(store, config, args.run_a, args.run_b)
+        print(f"{judge.describe(config)} on runs {args.run_a} and {args.run_b}: job {job_id}")
+        code = follow_or_detach(store, job_id, args.background)
+        if code == 0 and not args.background:
+            print(judging.judge_result(store, config, args.run_a, args.run_b).headline())
+        return code
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -669,6 +687,17 @@ def _add_data_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--metric", choices=list(compare.METRICS), default="f1", help="score to compare (default: f1)")
     p.add_argument("--baseline", type=int, metavar="RUN_ID", help="run the others are tested against")
     p.add_argument("--csv", type=Path, metavar="FOLDER", help="also write summary.csv and per_question.csv here")
+
+    p = command(
+        "judge",
+        cmd_judge,
+        "Ask an LLM judge which of two runs' answers is better (pairwise, in both orders) or to score each (rubric); "
+        "prints its win rates and its agreement with the blind human ratings of the same pairs.",
+    )
+    p.add_argument("run_a", type=int, metavar="RUN_A", help="a run (see `runs`)")
+    p.add_argument("run_b", type=int, metavar="RUN_B", help="another run that answered the same questions")
+    add_config_flags(p, JudgeConfig)
+    _add_background(p)
 
 
 def _add_saved_config_commands(command: Callable[..., argparse.ArgumentParser]) -> None:

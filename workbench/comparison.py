@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import compare, files, formats, html_report, runs
+from core import compare, files, formats, html_report, judging, runs
 from core.store import Store
 from workbench import figures
 
@@ -52,10 +52,14 @@ def build_report(
     side_by_side.update_layout(title=f"{label} per run", margin={"t": 90})
     overlaid = figures.overlaid_histograms(scores, label)
     overlaid.update_layout(title=f"{label} of all runs, overlaid")
+    tables = {"Summary": summary, "Run configurations": configs}
+    judged = judging.results_table(store, run_ids)
+    if not judged.empty:  # every judge's result beside the humans' verdicts and its agreement with them
+        tables["LLM judges beside the blind human ratings"] = judged
     return html_report.render_report(
         f"Comparison of {', '.join(names.values())}: {label}",
         [side_by_side, overlaid],
-        {"Summary": summary, "Run configurations": configs},
+        tables,
         differing_answers(per_question, names, label, top),
         compare.selection_notes(store, run_ids),
     )
