@@ -59,6 +59,16 @@ class EvalConfig(Config):
         return scoring.ScorerConfig(model=self.scorer_model)
 
 
+def _label(trained: dict[str, Any], train_dir: Path) -> str:
+    """How an evaluation run is named on Compare: method, rank, learning rate, folder (and what DPO started from)."""
+    label = f"{trained['method']} r={trained['lora_r']} lr={trained['learning_rate']:g} ({train_dir.name})"
+    if trained.get("method") == "dpo":
+        label += f" beta={trained['beta']:g}"
+    if trained.get("from_adapter"):
+        label += f" after {Path(trained['from_adapter']).name}"
+    return label
+
+
 def train_settings(train_dir: str | Path) -> dict[str, Any]:
     """The settings a training output folder was made with (its train_config.json)."""
     folder = TrainDir.holding(train_dir)  # the adapter folder itself may be given
@@ -113,7 +123,7 @@ def _prepare_eval(
         kind=RUN_KIND,
         adapter=adapter,
         prompt_template=trained["prompt_template"],
-        label=f"{trained['method']} r={trained['lora_r']} lr={trained['learning_rate']:g} ({train_dir.name})",
+        label=_label(trained, train_dir),
         limit=config.limit,
         backend_options={},
         scorer=scoring.scorer_stamp(config.scorer),

@@ -10,15 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core import dataset, models, runs, settings
+from core import dataset, models, preferences, runs, settings
 from core.config import Config, option, specs
 from core.dataset import PART_CHOICES
 from core.errors import BadInput
 from core.prompting import DEFAULT_TEMPLATE, check_template
 from core.store import Store
+from core.train_dir import TrainDir
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("qlora", "lora")
+METHODS = ("qlora", "lora", "dpo")
+DPO_BASES = ("4bit", "full")
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")  # what a continued adapter brings
 SCHEDULERS = ("linear", "cosine", "constant")
 EVAL_ENGINES = ("llamacpp", "transformers", "none")
 
@@ -37,7 +40,23 @@ class TrainConfig(Config):
         choices=PART_CHOICES,
     )
     method: str = option(
-        "qlora", help="qlora: 4-bit NF4 base weights + LoRA; lora: full-precision base + LoRA", choices=METHODS
+        "qlora",
+        help="qlora: 4-bit NF4 base weights + LoRA; lora: full-precision base + LoRA; dpo: preference tuning of LoRA"
+        " on the triples the blind ratings (and consistent judges) give for train questions",
+        choices=METHODS,
+    )
+    dpo_base: str = option(
+        "4bit",
+        help="with dpo: the base weights in 4-bit NF4 (as qlora) or in full precision (as lora)",
+        choices=DPO_BASES,
+    )
+    beta: float = option(
+        0.1, help="with dpo: DPO's beta, how strongly the policy is held to the reference (higher: closer)", min=0
+    )
+    from_adapter: str = option(
+        "",
+        help="continue the adapter of this finished training run (its folder) instead of fresh LoRA, e.g. DPO after"
+        " SFT; its rank, alpha, dropout and target modules apply",
     )
     model: str = option(
         "",
@@ -106,6 +125,9 @@ class TrainConfig(Config):
         # Open bounds, which a range cannot say, and relations between fields.
         checks = [
             (self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}"),
+            (self.beta > 0, f"DPO beta must be > 0, got {self.beta}"),
+            (self.method != "dpo" or self.part == "train", "DPO trains on the train part's preference triples only"),
+            (self.method != "dpo" or not self.cv_folds, "DPO has no cross-validation: its eval loss is on validation"),
             (self.lora_r >= 1, f"LoRA r must be at least 1, got {self.lora_r}"),
             (self.lora_alpha > 0, f"LoRA alpha must be > 0, got {self.lora_alpha}"),
             (self.lora_dropout < 1, f"LoRA dropout must be in [0, 1), got {self.lora_dropout}"),
@@ -122,11 +144,25 @@ class TrainConfig(Config):
                 raise BadInput(message)
         check_template(self.prompt_template)
 
+    @property
+    def quantized(self) -> bool:
+        """The base weights are loaded in 4-bit NF4 (qlora, and dpo on a 4-bit base)."""
+        return self.method == "qlora" or (self.method == "dpo" and self.dpo_base == "4bit")
+
     def validate(self, store: Store) -> str:
         """Refuse settings that cannot train (BadInput, one line); returns the resolved model path or id."""
         if self.split_id is not None and dataset.split_info(store, self.split_id).dataset != self.dataset:
             raise BadInput(f"split {self.split_id} is not a split of dataset {self.dataset!r}")
-        pairs = dataset.select_pairs(store, self.dataset, self.part, "accepted", split_id=self.split_id)
+        if self.method == "dpo":
+            data = preferences.preference_data(store, self.dataset, self.split_id)
+            if not data.train:
+                raise BadInput(
+                    f"dataset {self.dataset!r} has no preference triples for DPO ({data.describe()}): rate two runs'"
+                    " answers to its train questions on Compare"
+                )
+            pairs: list = data.train
+        else:
+            pairs = dataset.select_pairs(store, self.dataset, self.part, "accepted", split_id=self.split_id)
         if not pairs:
             raise BadInput(f"dataset {self.dataset!r} has no accepted pairs in its {self.part} part")
         if len(pairs[: self.limit]) < self.cv_folds:
@@ -136,6 +172,8 @@ class TrainConfig(Config):
         if self.eval_baseline_run is not None and not runs.run_exists(store, self.eval_baseline_run):
             raise BadInput(f"no run with id {self.eval_baseline_run} to copy the decoding parameters from")
         path = _local_folder(settings.resolve_generator(store, "transformers", self.model))
+        if self.from_adapter:
+            _check_adapter(self, path)
         module_names = _module_names(path)
         missing = sorted(set(self.target_modules) - module_names)
         if missing:
@@ -147,6 +185,37 @@ class TrainConfig(Config):
                 " transformers (or none) for another base model"
             )
         return path
+
+
+def continued_adapter(folder: str) -> dict[str, Any]:
+    """The settings of the finished training run in `folder` (or its adapter folder) whose adapter is continued."""
+    out = TrainDir.holding(folder)
+    if not out.root.is_dir():
+        raise BadInput(f"no training run at {folder!r} to continue the adapter of")
+    return out.settings(BadInput)
+
+
+def with_adapter_settings(config: TrainConfig) -> TrainConfig:
+    """A config that continues an adapter, with that adapter's LoRA settings (which are what trains) in place of
+    the form's; unchanged without from_adapter."""
+    if not config.from_adapter:
+        return config
+    earlier = continued_adapter(config.from_adapter)
+    return TrainConfig.from_dict({**config.to_dict(), **{name: earlier[name] for name in LORA_FIELDS}})
+
+
+def _check_adapter(config: TrainConfig, path: str) -> None:
+    """The adapter continued must have been trained on this base model, with the LoRA settings the config says."""
+    earlier = continued_adapter(config.from_adapter)
+    if Path(earlier.get("resolved_model", "")).resolve() != Path(path).resolve():
+        raise BadInput(
+            f"the adapter in {config.from_adapter} was trained on {earlier.get('resolved_model')}, not on {path}:"
+            " continue it on the same base model"
+        )
+    adapted = with_adapter_settings(config)
+    differ = [name for name in LORA_FIELDS if getattr(adapted, name) != getattr(config, name)]
+    if differ:
+        raise BadInput(f"the adapter in {config.from_adapter} has other {', '.join(differ)} than these settings")
 
 
 SEARCH_FIELDS = tuple(s.name for s in specs(TrainConfig) if not s.cli)  # set by a search, never by hand

@@ -28,7 +28,21 @@ def describe(job: JobInfo) -> str:
     if job.kind == "train-search":
         folds = f", {p['folds']}-fold cross-validation" if p.get("folds") else ""
         return f"job {job.id} · {job.state} · {p.get('trials')} trials by {p.get('objective')}{folds}"
-    return f"job {job.id} · {job.state} · {p.get('method')} r={p.get('lora_r')} lr={p.get('learning_rate'):g}"
+    line = f"job {job.id} · {job.state} · {p.get('method')} r={p.get('lora_r')} lr={p.get('learning_rate'):g}"
+    if p.get("method") == "dpo":
+        line += f" beta={p.get('beta'):g}"
+    if p.get("from_adapter"):
+        line += f" after {Path(p['from_adapter']).name}"
+    return line
+
+
+def continuable(train_jobs: list[JobInfo]) -> dict[str, str]:
+    """The finished training runs whose adapter a new run can continue (from_adapter): folder -> description."""
+    return {
+        str(out): describe(job)
+        for job in train_jobs
+        if (out := job.figures.get("output_dir")) and TrainDir(out).finished()
+    }
 
 
 def objective(job: JobInfo) -> str:

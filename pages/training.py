@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import evaluation, jobs, runs, train_results, train_search, training
+from core import evaluation, jobs, preferences, runs, train_results, train_search, training
 from core.config import spec, specs
 from core.errors import NotFound
 from core.train_config import ALL_LINEAR, TrainConfig
@@ -42,6 +42,9 @@ LABELS = {
     "eval_baseline_run": "Decoding parameters at evaluation",
     "export_merged": "Export merged GGUF",
     "output_dir": "Output folder",
+    "dpo_base": "DPO base weights",
+    "beta": "DPO beta",
+    "from_adapter": "Start from adapter",
     "trials": "Trials",
     "workers": "Worker processes",
     "objective": "Score trials by",
@@ -164,9 +167,58 @@ def search_ranges() -> dict:
     }
 
 
-def start_train_form(name: str, baselines: dict, expanded: bool) -> None:
+def preference_settings(adapters: dict[str, str]) -> dict:
+    """DPO's own settings, and the adapter a run continues (DPO after SFT, or more SFT)."""
+    c1, c2, c3 = st.columns([1, 1, 3])
+    values = {
+        name: forms.widget(spec(TrainConfig, name), key=f"train-{name}", label=LABELS[name], where=where, **extra)
+        for name, where, extra in (("dpo_base", c1, {}), ("beta", c2, {"step": 0.05}))
+    }
+    choices = {"": "a fresh adapter", **adapters}
+    values["from_adapter"] = forms.widget(
+        spec(TrainConfig, "from_adapter"),
+        key="train-from_adapter",
+        label=LABELS["from_adapter"],
+        where=c3,
+        **picked(choices),
+    )
+    return values
+
+
+def preference_panel(name: str) -> None:
+    """What DPO would train on: the triples the ratings give for this dataset's train questions, to read and export."""
+    data = preferences.preference_data(ui.store(), name)
+    with st.expander(f"Preference data for DPO: {len(data.train)} train triples", expanded=False):
+        st.caption(ui.plain(data.describe()))
+        if not data.train:
+            st.info(
+                "Rate two runs' answers to this dataset's train questions blind on the Compare page (or let a judge"
+                " that agrees with itself in both orders do it): each verdict that is not a tie becomes a triple.",
+                icon=":material/info:",
+            )
+            return
+        st.dataframe(
+            [
+                {"question": t.question, "chosen": t.chosen, "rejected": t.rejected, "source": t.source}
+                for t in data.train
+            ],
+            hide_index=True,
+            height=220,
+        )
+        st.download_button(
+            "Download train triples (JSONL: prompt, chosen, rejected)",
+            preferences.jsonl(data),
+            file_name=f"{name}-preferences-train.jsonl",
+            mime="application/jsonl",
+            icon=":material/download:",
+            on_click="ignore",
+        )
+
+
+def start_train_form(name: str, baselines: dict, adapters: dict[str, str], expanded: bool) -> None:
     with st.expander("New training run", expanded=expanded), st.form("train"):
-        values = {**adapter_settings(), **model_settings("train"), **loop_settings("train")}
+        values = {**adapter_settings(), **model_settings("train"), **preference_settings(adapters)}
+        values |= loop_settings("train")
         values |= evaluation_settings("train", baselines)
         values["output_dir"] = forms.widget(
             spec(TrainConfig, "output_dir"),
@@ -263,6 +315,8 @@ def live_run(job_id: int) -> None:
             tiles[4].metric("Tokens/s", f"{latest['tokens_per_s']['value']:,.0f}")
         if "peak_memory_mb" in latest:
             tiles[5].metric("Peak memory", f"{latest['peak_memory_mb']['value'] / 1024:.2f} GB")
+        if "reward_margin" in latest:  # a DPO run
+            dpo_tiles(metrics, latest)
         job_figures = jobs.get(store, job_id).figures
         if "eval_note" in job_figures:  # instead of an eval curve: why there is none
             st.info(ui.plain(f"No eval loss: {job_figures['eval_note']}"), icon=":material/info:")
@@ -270,11 +324,32 @@ def live_run(job_id: int) -> None:
             st.caption("The loss curve appears once the model is loaded and the validation part evaluated.")
         else:
             st.plotly_chart(figures.loss_curve(metrics), width="stretch", key=f"loss-{job_id}")
+            if "reward_margin" in latest:
+                st.plotly_chart(figures.preference_curve(metrics), width="stretch", key=f"prefs-{job_id}")
         stage = job_figures.get("stage")
         if stage in ("exporting", "evaluating"):
             st.caption(f"Stage: {stage} …")
 
     curve()
+
+
+def dpo_tiles(metrics, latest: dict) -> None:
+    """Where a DPO run stands: the reward margin and preference accuracy of its last step and on validation."""
+    tiles = st.columns(6)
+    tiles[0].metric("Reward margin", f"{latest['reward_margin']['value']:+.3f}", "chosen − rejected", "off")
+    tiles[1].metric("Preference accuracy", f"{latest['preference_accuracy']['value']:.0%}", "last step", "off")
+    if "eval_preference_accuracy" in latest:
+        tiles[2].metric(
+            "Validation accuracy",
+            f"{latest['eval_preference_accuracy']['value']:.0%}",
+            f"margin {latest['eval_reward_margin']['value']:+.3f}",
+            "off",
+        )
+    for tile, name, label in (
+        (tiles[3], "chosen_reward", "Chosen reward"),
+        (tiles[4], "rejected_reward", "Rejected reward"),
+    ):
+        tile.metric(label, f"{latest[name]['value']:+.3f}")
 
 
 def evaluation_section(job_id: int, output: train_results.TrainOutput, baselines: dict) -> None:
@@ -421,7 +496,8 @@ def device_queue() -> None:
 
 def train_tab(name: str, baselines: dict) -> None:
     train_jobs = [j for j in jobs.list_jobs(ui.store(), kind="train") if train_results.dataset_of(j) == name]
-    start_train_form(name, baselines, expanded=not train_jobs)
+    preference_panel(name)
+    start_train_form(name, baselines, train_results.continuable(train_jobs), expanded=not train_jobs)
     if train_jobs:
         show_runs(train_jobs, baselines)
     else:

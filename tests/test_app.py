@@ -298,12 +298,36 @@ def start_training_with(app: AppTest, **values) -> str:
             {"train-preset": "custom", "train-custom": "q_proj,no_such_proj"},
             "the model has no module(s) named no_such_proj",
         ),
+        ({"train-method": "dpo"}, "has no preference triples for DPO"),
+        ({"train-method": "dpo", "DPO beta": 0.0}, "DPO beta must be > 0"),
     ],
 )
 def test_the_training_form_refuses_bad_settings_with_the_reason_before_any_job_starts(app, values, reason):
     assert reason in start_training_with(app, **values)
     with Store() as store:
         assert jobs.list_jobs(store, kind="train") == []
+
+
+def test_the_training_page_shows_the_preference_triples_the_ratings_give(app):
+    from core import ratings
+    from tests.test_compare import make_run
+    from tests.test_judging import rate
+
+    with Store() as store:
+        one, other = make_run(store, [0.4] * 20), make_run(store, [0.5] * 20)
+        rate(store, "ana", one, other, lambda pair_id: "b")
+        expected = len([p for p in ratings.verdicts(store, one, other) if p[1] in train_ids(store)])
+    open_page(app, "../pages/training.py")
+    assert any(e.label == f"Preference data for DPO: {expected} train triples" for e in app.expander)
+    assert [b.proto.label for b in app.get("download_button")] == [
+        "Download train triples (JSONL: prompt, chosen, rejected)"
+    ]
+
+
+def train_ids(store) -> set[int]:
+    from core import dataset
+
+    return {p.id for p in dataset.select_pairs(store, "starter", "train")}
 
 
 def test_the_search_form_refuses_an_empty_range(app):

@@ -17,12 +17,13 @@ from dataclasses import is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from core import compare, dataset, formats, intake, jobs, judge, models, qa_generation, runs
+from core import compare, dataset, formats, intake, jobs, judge, models, preferences, qa_generation, runs
 from core.config import FieldSpec, specs
 from core.config import spec as field_spec
 from core.errors import BadInput, WorkbenchError
 from core.evaluation import EvalConfig
 from core.judge import JudgeConfig
+from core.prompting import DEFAULT_TEMPLATE
 from core.quality import QualityConfig
 from core.settings import WorkbenchSettings
 from core.store import Store
@@ -60,6 +61,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     with open_workspace(args.dataset) as store:
         n = dataset.export_pairs(store, args.dataset, args.output, args.format, args.split, args.status)
     print(f"wrote {n} pair(s) to {args.output}")
+    return 0
+
+
+def cmd_preferences(args: argparse.Namespace) -> int:
+    with open_workspace(args.dataset) as store:
+        data = preferences.preference_data(store, args.dataset)
+        print(data.describe())
+        if args.output:
+            n = preferences.export_jsonl(data, args.output, args.prompt_template, args.part)
+            print(f"wrote {n} {args.part} triple(s) to {args.output}")
     return 0
 
 
@@ -279,6 +290,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             config = train_search.final_config(store, search_id)
             print(f"final training with the best parameters: {train_search.best_params(store, search_id)}")
+        if config.method == "dpo":
+            print(f"preference data: {preferences.preference_data(store, config.dataset).describe()}")
         job_id = training.start_training(store, config)
         print(f"training: job {job_id}")
         code = follow_or_detach(store, job_id, args.background)
@@ -655,6 +668,23 @@ def _add_data_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="jsonl: one {question, answer, field} object per line; csv: question,answer,field",
     )
     p.add_argument("-o", "--output", required=True, help="file to write")
+
+    p = command(
+        "preferences",
+        cmd_preferences,
+        "Count the preference triples (question, chosen, rejected) the blind ratings and consistent judges give for"
+        " a dataset's train and validation questions (what `train --method dpo` trains on); export them as JSONL in"
+        " TRL's prompt/chosen/rejected layout.",
+    )
+    p.add_argument("--dataset", required=True, help="dataset whose rated runs give the triples")
+    p.add_argument("-o", "--output", help="JSONL file to write (default: only count)")
+    p.add_argument(
+        "--part",
+        choices=("train", "validation"),
+        default="train",
+        help="which part's triples to write (default: train)",
+    )
+    p.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="the prompt each question is written in")
 
     p = command("split", cmd_split, "Draw a new frozen train/validation/test split version over the accepted pairs.")
     p.add_argument("--dataset", required=True, help="dataset to split")

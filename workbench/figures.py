@@ -203,6 +203,41 @@ def loss_curve(metrics) -> go.Figure:
     return _layout(fig, 380)
 
 
+def preference_curve(metrics) -> go.Figure:
+    """DPO's reward margin per optimizer step (left axis) and its preference accuracy (right axis, 0-1), with the
+    validation triples' figures per epoch as markers. `metrics` as for loss_curve."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for name, label, color, secondary in (
+        ("reward_margin", "reward margin", PALETTE[0], False),
+        ("preference_accuracy", "preference accuracy", PALETTE[2], True),
+        ("eval_reward_margin", "reward margin (validation)", PALETTE[0], False),
+        ("eval_preference_accuracy", "preference accuracy (validation)", PALETTE[2], True),
+    ):
+        frame = metrics[metrics["name"] == name].sort_values("step")
+        held_out = name.startswith("eval_")
+        style: dict[str, Any] = (
+            {"mode": "lines+markers", "marker": {"size": 10, "symbol": "diamond"}, "line": {"dash": "dot"}}
+            if held_out
+            else {"mode": "lines+markers" if len(frame) < 60 else "lines"}
+        )
+        style.setdefault("line", {})["color"] = color
+        fig.add_trace(
+            go.Scatter(
+                x=frame["step"],
+                y=frame["value"],
+                name=label,
+                hovertemplate=f"step %{{x}}<br>{label} %{{y:.3f}}<extra></extra>",
+                **style,
+            ),
+            secondary_y=secondary,
+        )
+    fig.update_xaxes(title_text="optimizer step", rangemode="tozero")
+    fig.update_yaxes(title_text="reward margin (chosen − rejected)", secondary_y=False)
+    fig.update_yaxes(title_text="preference accuracy", secondary_y=True, range=[0, 1.02], showgrid=False)
+    fig.update_layout(legend={"orientation": "h", "y": 1.12, "x": 0})
+    return _layout(fig, 340)
+
+
 def search_history(history, objective: str) -> go.Figure:
     """Each finished trial's value (pruned ones hollow, at their last reported value) and the best so far.
 

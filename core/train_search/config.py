@@ -98,6 +98,8 @@ class SearchConfig(Config):
         """Refuse a search the store cannot run (BadInput, one line) before anything starts; returns the base config."""
         # With cross-validation, a fold's settings: their check also counts the train pairs there are to deal.
         base = self.train_config(self.space.fixed(), fold=1 if self.folds else 0)
+        if base.method == "dpo" or base.from_adapter:
+            raise BadInput("a hyperparameter search tunes fresh qlora or lora adapters; train DPO as a single run")
         base.validate(store)
         if not self.folds and not dataset.select_pairs(
             store, base.dataset, "validation", "accepted", split_id=base.split_id

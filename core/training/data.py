@@ -17,6 +17,7 @@ import torch
 from core import dataset
 from core.errors import BadInput
 from core.files import write_json
+from core.preferences import Preference, preference_data
 from core.prompting import render_prompt
 from core.store import Store
 from core.train_config import TrainConfig
@@ -33,23 +34,30 @@ def build_examples(tokenizer, pairs: list[dataset.StoredPair], template: str, ma
     The prompt and the answer are tokenized apart, so the boundary where the labels start is
     exact. Pairs whose prompt alone fills max_seq_len have nothing to learn and are dropped.
     """
-    examples = []
-    for pair in pairs:
-        prompt = tokenizer(render_prompt(pair.question, template))["input_ids"]
-        answer = tokenizer(" " + pair.answer.strip(), add_special_tokens=False)["input_ids"]
-        input_ids = (prompt + answer + [tokenizer.eos_token_id])[:max_seq_len]
-        labels = ([IGNORE] * len(prompt) + answer + [tokenizer.eos_token_id])[:max_seq_len]
-        if any(label != IGNORE for label in labels):
-            examples.append({"input_ids": input_ids, "labels": labels})
-    return examples
+    examples = (token_example(tokenizer, pair.question, pair.answer, template, max_seq_len) for pair in pairs)
+    return [example for example in examples if example is not None]
+
+
+def token_example(tokenizer, question: str, answer: str, template: str, max_seq_len: int) -> dict | None:
+    """One prompt + answer as token ids and labels (see build_examples); None when no answer token is left."""
+    prompt = tokenizer(render_prompt(question, template))["input_ids"]
+    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    input_ids = (prompt + answer_ids + [tokenizer.eos_token_id])[:max_seq_len]
+    labels = ([IGNORE] * len(prompt) + answer_ids + [tokenizer.eos_token_id])[:max_seq_len]
+    if all(label == IGNORE for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
 
 
 @dataclass(frozen=True)
 class PinnedPairs:
-    """What a run trains on and takes its eval loss on, and the split they come from (see pinned_pairs)."""
+    """What a run trains on and takes its eval loss on, and the split they come from (see pinned_pairs).
 
-    train: list[dataset.StoredPair]
-    validation: list[dataset.StoredPair]  # for a fold of a cross-validation: its held-out fold
+    The pairs are StoredPairs (question and answer), or Preferences (question, chosen, rejected) for dpo.
+    """
+
+    train: list[Any]
+    validation: list[Any]  # for a fold of a cross-validation: its held-out fold
     split_id: int | None
 
 
@@ -68,6 +76,9 @@ def pinned_pairs(store: Store, config: TrainConfig, out: str | Path) -> PinnedPa
         selection["split_id"] = config.split_id
     if config.cv_folds:
         selection |= {"cv_folds": config.cv_folds, "cv_fold": config.cv_fold, "seed": config.seed}
+    if config.method == "dpo":  # added only for dpo, so that folders pinned before it still match
+        selection["triples"] = "preferences"
+    kind = Preference if config.method == "dpo" else dataset.StoredPair
     if folder.examples.exists():
         pinned = json.loads(folder.examples.read_text())
         if pinned["selection"] != selection:
@@ -75,8 +86,8 @@ def pinned_pairs(store: Store, config: TrainConfig, out: str | Path) -> PinnedPa
         # A run pinned before splits had validation parts took its eval loss on test pairs: those are not read
         # any more, so it resumes without an eval loss.
         return PinnedPairs(
-            [dataset.StoredPair(**pair) for pair in pinned["train"]],
-            [dataset.StoredPair(**pair) for pair in pinned.get("validation", [])],
+            [kind(**pair) for pair in pinned["train"]],
+            [kind(**pair) for pair in pinned.get("validation", [])],
             pinned["split_id"],
         )
     if checkpoint_folder(folder) is not None:
@@ -85,17 +96,7 @@ def pinned_pairs(store: Store, config: TrainConfig, out: str | Path) -> PinnedPa
         )
     split = _split(store, config)
     split_id = split.id if split else None
-    train_pairs = dataset.select_pairs(store, config.dataset, config.part, "accepted", split_id=split_id)
-    train_pairs = train_pairs[: config.limit]
-    if config.cv_folds:
-        held_out = cv_folds(train_pairs, config.cv_folds, config.seed)[config.cv_fold - 1]
-        held_ids = {pair.id for pair in held_out}
-        train_pairs = [pair for pair in train_pairs if pair.id not in held_ids]
-    elif split is not None:
-        held_out = dataset.select_pairs(store, config.dataset, "validation", "accepted", split_id=split_id)
-        held_out = held_out[: config.limit]
-    else:
-        held_out = []
+    train_pairs, held_out = (_preferences if config.method == "dpo" else _pairs)(store, config, split)
     record = {
         "selection": selection,
         "split_id": split_id,
@@ -105,6 +106,27 @@ def pinned_pairs(store: Store, config: TrainConfig, out: str | Path) -> PinnedPa
     }
     write_json(folder.examples, record, durable=True)
     return PinnedPairs(train_pairs, held_out, split_id)
+
+
+def _pairs(store: Store, config: TrainConfig, split) -> tuple[list[Any], list[Any]]:
+    """The accepted pairs of the run's part and the ones its eval loss is on (validation part, or held-out fold)."""
+    split_id = split.id if split else None
+    train_pairs = dataset.select_pairs(store, config.dataset, config.part, "accepted", split_id=split_id)
+    train_pairs = train_pairs[: config.limit]
+    if config.cv_folds:
+        held_out = cv_folds(train_pairs, config.cv_folds, config.seed)[config.cv_fold - 1]
+        held_ids = {pair.id for pair in held_out}
+        return [pair for pair in train_pairs if pair.id not in held_ids], held_out
+    if split is None:
+        return train_pairs, []
+    held_out = dataset.select_pairs(store, config.dataset, "validation", "accepted", split_id=split_id)
+    return train_pairs, held_out[: config.limit]
+
+
+def _preferences(store: Store, config: TrainConfig, split) -> tuple[list[Any], list[Any]]:
+    """The preference triples of the split's train part, and of its validation part (DPO's eval loss)."""
+    triples = preference_data(store, config.dataset, split.id if split else None)
+    return triples.train[: config.limit], triples.validation[: config.limit]
 
 
 def _split(store: Store, config: TrainConfig):
@@ -149,6 +171,13 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def example_length(example: dict) -> int:
+    """Tokens a batch pads an example to: its sequence's, or the longer of a preference example's two."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return max(len(example["chosen"]["input_ids"]), len(example["rejected"]["input_ids"]))
+
+
 def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Batches (of example indices) of similar length, so little compute goes to padding.
 
@@ -162,7 +191,7 @@ def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epo
     chunk = batch_size * MEGA_CHUNK_BATCHES
     batches = []
     for start in range(0, len(order), chunk):
-        group = sorted(order[start : start + chunk], key=lambda i: len(examples[i]["input_ids"]))
+        group = sorted(order[start : start + chunk], key=lambda i: example_length(examples[i]))
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches

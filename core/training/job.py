@@ -11,7 +11,7 @@ from pathlib import Path
 from core import jobs, runs, settings
 from core.jobs import JobContext
 from core.store import Store
-from core.train_config import TrainConfig
+from core.train_config import TrainConfig, with_adapter_settings
 from core.training.distributed import train_distributed, training_processes
 from core.training.loop import train
 
@@ -19,6 +19,7 @@ from core.training.loop import train
 def start_training(store: Store, config: TrainConfig) -> int:
     """Check the settings (BadInput with the reason, before any process starts), then start the job."""
     config = replace(config, model=settings.pinned_generator(store, "transformers", config.model))
+    config = with_adapter_settings(config)  # recorded with the LoRA settings that train, the continued adapter's
     config.validate(store)
     return jobs.submit(store, "train", config.to_dict())
 

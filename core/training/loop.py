@@ -25,11 +25,12 @@ from core.errors import BadInput
 from core.files import write_json
 from core.jobs import JobCancelled, JobContext
 from core.store import Store
-from core.train_config import TrainConfig
+from core.train_config import TrainConfig, with_adapter_settings
 from core.train_dir import TrainDir
 from core.training.checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
 from core.training.data import PinnedPairs, build_examples, collate, length_grouped_batches, pinned_pairs
 from core.training.devices import all_sum, peak_memory_mb, sum_gradients, to_device, world
+from core.training.dpo import add_references, batch_dpo_loss, build_preference_examples, preference_eval
 from core.training.loss import answer_loss, eval_loss
 from core.training.metrics import forget_after, log, record
 from core.training.model import load_model
@@ -67,6 +68,7 @@ def train(
     before the optimizer step, which makes a step the same as one process taking the whole group;
     process 0 alone records, reports, checkpoints and saves (the others get ctx=None).
     """
+    config = with_adapter_settings(config)
     path = config.validate(store)
     out = _output_folder(ctx, config)
     pairs = pinned_pairs(store, config, out.root)
@@ -123,8 +125,26 @@ class _Run:
         """Batches in one optimizer step, over all processes."""
         return self.config.grad_accum * self.world
 
-    def eval_loss(self) -> float | None:
-        return eval_loss(self.model, self.validation_examples, self.config.batch_size, self.pad_id)
+    @property
+    def dpo(self) -> bool:
+        return self.config.method == "dpo"
+
+    def evaluate(self) -> dict[str, float]:
+        """The figures on the held-out examples ("eval_loss", and DPO's margin and accuracy); empty without any."""
+        config = self.config
+        if self.dpo:
+            return preference_eval(self.model, self.validation_examples, config.batch_size, self.pad_id, config.beta)
+        loss = eval_loss(self.model, self.validation_examples, config.batch_size, self.pad_id)
+        return {} if loss is None else {"eval_loss": loss}
+
+    def batch_loss(self, examples: list[dict]) -> tuple[torch.Tensor, dict[str, float], int]:
+        """A batch's loss, its figures besides the loss, and the tokens it took."""
+        if self.dpo:
+            loss, figures = batch_dpo_loss(self.model, examples, self.pad_id, self.config.beta)
+            pairs = [side for ex in examples for side in (ex["chosen"], ex["rejected"])]
+            return loss, figures, sum(len(ex["input_ids"]) for ex in pairs)
+        batch = to_device(collate(examples, self.pad_id))
+        return answer_loss(self.model, batch), {}, int(batch["attention_mask"].sum())
 
     def save(self) -> None:
         if self.rank == 0:
@@ -151,8 +171,9 @@ def _prepare(
 
     model, tokenizer = load_model(config, path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_examples = build_examples(tokenizer, pairs.train, config.prompt_template, config.max_seq_len)
-    validation_examples = build_examples(tokenizer, pairs.validation, config.prompt_template, config.max_seq_len)
+    build = build_preference_examples if config.method == "dpo" else build_examples
+    train_examples = build(tokenizer, pairs.train, config.prompt_template, config.max_seq_len)
+    validation_examples = build(tokenizer, pairs.validation, config.prompt_template, config.max_seq_len)
     if not train_examples:
         raise BadInput(f"every prompt fills max_seq_len={config.max_seq_len}; no answer tokens are left to train on")
     rank, processes = world()
@@ -197,16 +218,26 @@ def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optim
 
 
 def _resume_or_begin(run: _Run) -> None:
-    """Continue from the run's checkpoint when there is one; else take the eval loss before training."""
+    """Continue from the run's checkpoint when there is one; else (DPO: take the reference log-probabilities, then)
+    take the eval loss before training."""
+    examples = run.train_examples + run.validation_examples
     if (checkpoint := checkpoint_folder(run.out)) is not None:
         run.state = load_checkpoint(run.model, run.optimizer, run.scheduler, checkpoint, run.config)
+        for example, reference in zip(examples, run.state.get("references", []), strict=False):
+            example["reference"] = reference  # the reference of the run's start, not the checkpoint's policy
         forget_after(run.ctx, run.store, run.state["step"])
         log(run.ctx, f"resuming at epoch {run.state['epoch'] + 1}, step {run.state['step']} of {run.total_steps}")
         return
-    run.state["eval_before"] = run.eval_loss()
-    if run.state["eval_before"] is not None:
-        record(run.ctx, run.store, 0, 0, {"eval_loss": run.state["eval_before"]})
-        log(run.ctx, f"eval loss (validation pairs) before training: {run.state['eval_before']}")
+    if run.dpo:
+        log(run.ctx, f"reference log-probabilities of {len(examples)} preference triples")
+        fresh = not run.config.from_adapter  # a fresh adapter is the base; a continued one is its own reference
+        add_references(run.model, examples, run.config.batch_size, run.pad_id, adapter_disabled=fresh)
+        run.state["references"] = [example["reference"] for example in examples]
+    figures = run.evaluate()
+    run.state["eval_before"] = figures.get("eval_loss")
+    if figures:
+        record(run.ctx, run.store, 0, 0, figures)
+        log(run.ctx, f"eval loss (validation {_held_out(run)}) before training: {run.state['eval_before']}")
 
 
 def _train_epoch(run: _Run, epoch: int, terminated: threading.Event, on_step) -> None:
@@ -231,23 +262,26 @@ def _train_epoch(run: _Run, epoch: int, terminated: threading.Event, on_step) ->
 
 
 def _step(run: _Run, group: list[list[int]]) -> dict[str, float]:
-    """One optimizer step over a group of batches (this process takes every world-th of them); its figures."""
-    started, tokens, loss_sum = time.perf_counter(), 0.0, 0.0  # tokens: a float once summed over processes
+    """One optimizer step over a group of batches (this process takes every world-th of them); its figures, each a
+    mean over the group's batches (DPO's reward margin and preference accuracy among them)."""
+    started, tokens = time.perf_counter(), 0.0  # tokens: a float once summed over processes
+    sums: dict[str, float] = {"train_loss": 0.0}
     for indices in group[run.rank :: run.world]:
-        batch = to_device(collate([run.train_examples[i] for i in indices], run.pad_id))
-        loss = answer_loss(run.model, batch)
+        loss, figures, taken = run.batch_loss([run.train_examples[i] for i in indices])
         (loss / len(group)).backward()
-        loss_sum += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+        for name, value in {"train_loss": loss.item(), **figures}.items():
+            sums[name] = sums.get(name, 0.0) + value
+        tokens += taken
     if run.world > 1:
         sum_gradients(run.trainable)
-        loss_sum, tokens = all_sum([loss_sum, tokens], run.world)
+        *totals, tokens = all_sum([*sums.values(), tokens], run.world)
+        sums = dict(zip(sums, totals, strict=True))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.peak_mb = peak_memory_mb(run.peak_mb)
     return {
-        "train_loss": loss_sum / len(group),
+        **{name: value / len(group) for name, value in sums.items()},
         "learning_rate": run.scheduler.get_last_lr()[0],
         "tokens_per_s": tokens / (time.perf_counter() - started),
         "peak_memory_mb": run.peak_mb,
@@ -256,9 +290,10 @@ def _step(run: _Run, group: list[list[int]]) -> dict[str, float]:
 
 def _end_epoch(run: _Run, epoch: int, on_epoch) -> None:
     """The eval loss after an epoch, the caller's look at it, then the epoch's checkpoint."""
-    run.state["eval_after"] = run.eval_loss()
-    if run.state["eval_after"] is not None:
-        record(run.ctx, run.store, run.state["step"], epoch + 1, {"eval_loss": run.state["eval_after"]})
+    figures = run.evaluate()
+    run.state["eval_after"] = figures.get("eval_loss")
+    if figures:
+        record(run.ctx, run.store, run.state["step"], epoch + 1, figures)
         log(run.ctx, f"epoch {epoch + 1}: eval loss {run.state['eval_after']}")
     run.state["epoch"], run.state["batch"] = epoch + 1, 0
     if on_epoch:
@@ -286,6 +321,10 @@ def _finish(run: _Run, split_id: int | None, path: str) -> TrainResult:
     return result
 
 
+def _held_out(run: _Run) -> str:
+    return "preference triples" if run.dpo else "pairs"
+
+
 def _no_eval_loss_reason(store: Store, config: TrainConfig, pairs: PinnedPairs) -> str:
     """Why a run takes no eval loss, in one line (its log, the Training page)."""
     if pairs.validation:
@@ -295,6 +334,8 @@ def _no_eval_loss_reason(store: Store, config: TrainConfig, pairs: PinnedPairs) 
     split = dataset.split_info(store, pairs.split_id)
     if not split.validation:
         return dataset.no_validation_message(split)
+    if config.method == "dpo":
+        return f"no rated pairs of runs answer the validation part of split v{split.version} of {config.dataset!r}"
     return f"the validation part of split v{split.version} of {config.dataset!r} has no accepted pairs"
 
 

@@ -12,18 +12,20 @@ import torch
 
 from core.errors import BadInput
 from core.train_config import TrainConfig
+from core.train_dir import TrainDir
 from core.training.devices import device
 
 
 def load_model(config: TrainConfig, path: str):
-    """The base model (4-bit NF4 for qlora) with fresh LoRA adapters; returns (peft model, tokenizer)."""
+    """The base model (4-bit NF4 for qlora and a 4-bit dpo) with fresh LoRA adapters, or the adapter of the run
+    it continues (from_adapter); returns (peft model, tokenizer)."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     kwargs: dict[str, Any] = {"trust_remote_code": False, "use_safetensors": True, "dtype": dtype}
-    if config.method == "qlora":
+    if config.quantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -31,7 +33,7 @@ def load_model(config: TrainConfig, path: str):
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device()}
-    if config.method == "qlora" and not cuda and Path(path).is_dir():
+    if config.quantized and not cuda and Path(path).is_dir():
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -41,7 +43,7 @@ def load_model(config: TrainConfig, path: str):
         model = model_class.from_pretrained(None, config=model_config, state_dict=_read_weights(path), **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if config.method == "qlora":
+    if config.quantized:
         _keep_4bit_layers_differentiable(model)
         model = peft.prepare_model_for_kbit_training(
             model,
@@ -57,6 +59,9 @@ def load_model(config: TrainConfig, path: str):
     model.config.use_cache = False
     torch.manual_seed(config.seed)  # the LoRA A matrices are drawn here
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if config.from_adapter:  # its LoRA settings are the config's (train_config.with_adapter_settings)
+        adapter = TrainDir.holding(config.from_adapter).adapter
+        return peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True), tokenizer
     return peft.get_peft_model(model, lora_config(config)), tokenizer
 
 
