@@ -249,7 +249,17 @@ with tabs[5]:
         if judged.empty:
             st.caption("No judge has judged these two runs yet.")
         else:
-            st.dataframe(judged, hide_index=True, width="stretch")
+            share = st.column_config.NumberColumn(format="percent")
+            st.dataframe(
+                judged,
+                hide_index=True,
+                width="stretch",
+                column_config={
+                    name: share
+                    for name in ("position bias", "judge: first run wins", "humans: first run wins", "agreement")
+                }
+                | {"kappa": st.column_config.NumberColumn(format="%.2f")},
+            )
             humans = ratings.win_rates(store, min(judge_x, judge_y), max(judge_x, judge_y))
             rated = judging.win_rate_text(humans) if humans.n else "no blind ratings of these runs yet"
             st.markdown(f"**Humans** — {rated}")

@@ -316,7 +316,7 @@ def live_run(job_id: int) -> None:
         if "peak_memory_mb" in latest:
             tiles[5].metric("Peak memory", f"{latest['peak_memory_mb']['value'] / 1024:.2f} GB")
         if "reward_margin" in latest:  # a DPO run
-            dpo_tiles(metrics, latest)
+            dpo_tiles(latest)
         job_figures = jobs.get(store, job_id).figures
         if "eval_note" in job_figures:  # instead of an eval curve: why there is none
             st.info(ui.plain(f"No eval loss: {job_figures['eval_note']}"), icon=":material/info:")
@@ -333,17 +333,18 @@ def live_run(job_id: int) -> None:
     curve()
 
 
-def dpo_tiles(metrics, latest: dict) -> None:
+def dpo_tiles(latest: dict) -> None:
     """Where a DPO run stands: the reward margin and preference accuracy of its last step and on validation."""
     tiles = st.columns(6)
-    tiles[0].metric("Reward margin", f"{latest['reward_margin']['value']:+.3f}", "chosen − rejected", "off")
-    tiles[1].metric("Preference accuracy", f"{latest['preference_accuracy']['value']:.0%}", "last step", "off")
+    quiet = {"delta_color": "off", "delta_arrow": "off"}  # what the figure is, not a change
+    tiles[0].metric("Reward margin", f"{latest['reward_margin']['value']:+.3f}", "chosen − rejected", **quiet)
+    tiles[1].metric("Preference accuracy", f"{latest['preference_accuracy']['value']:.0%}", "last step", **quiet)
     if "eval_preference_accuracy" in latest:
         tiles[2].metric(
             "Validation accuracy",
             f"{latest['eval_preference_accuracy']['value']:.0%}",
             f"margin {latest['eval_reward_margin']['value']:+.3f}",
-            "off",
+            **quiet,
         )
     for tile, name, label in (
         (tiles[3], "chosen_reward", "Chosen reward"),

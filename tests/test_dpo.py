@@ -215,3 +215,12 @@ def test_the_cli_trains_dpo_from_an_adapter_with_its_beta(starter, tiny_llama, r
     assert done.returncode == 0, done.stderr
     trained = json.loads((tmp_path / "dpo" / "train_config.json").read_text())
     assert (trained["method"], trained["beta"], trained["from_adapter"]) == ("dpo", 0.25, sft.output_dir)
+
+
+def test_dpo_on_the_4bit_base_of_qlora_trains_the_adapter_too(starter, tiny_llama, rated, tmp_path):
+    steps: list[dict] = []
+    config = _dpo(tiny_llama, tmp_path, dpo_base="4bit", limit=4, epochs=3, batch_size=4)
+    assert config.quantized
+    result = training.train(None, config, starter, on_step=steps.append)
+    assert result.train_loss_first == pytest.approx(math.log(2), abs=1e-3)
+    assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]

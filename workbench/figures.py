@@ -233,7 +233,14 @@ def preference_curve(metrics) -> go.Figure:
         )
     fig.update_xaxes(title_text="optimizer step", rangemode="tozero")
     fig.update_yaxes(title_text="reward margin (chosen − rejected)", secondary_y=False)
-    fig.update_yaxes(title_text="preference accuracy", secondary_y=True, range=[0, 1.02], showgrid=False)
+    fig.update_yaxes(
+        title_text="preference accuracy",
+        secondary_y=True,
+        range=[0, 1.02],
+        tickvals=[0, 0.25, 0.5, 0.75, 1],
+        tickformat=".0%",
+        showgrid=False,
+    )
     fig.update_layout(legend={"orientation": "h", "y": 1.12, "x": 0})
     return _layout(fig, 340)
 
