@@ -38,7 +38,9 @@ class QAGenerationConfig(Config):
     # No range: _check's message says what the number is ("number of pairs"), which the generic one would not.
     n: int = option(10, help="number of pairs to generate")
     backend: str = option(
-        "llamacpp", help="backend that generates (llamacpp, transformers, ollama)", choices=(*USER_BACKENDS, "echo")
+        "llamacpp",
+        help="backend that generates (llamacpp, transformers, ollama, openai)",
+        choices=(*USER_BACKENDS, "echo"),
     )
     model: str = option(
         "", help="model name or path; empty: the Settings' generator for this backend, else the embedded model"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core import models
+from core.backends import OPENAI_SERVERS
 from core.config import Config, option, specs
 from core.errors import BadInput
 from core.store import Store
@@ -31,6 +32,20 @@ class WorkbenchSettings(Config):
     ollama_host: str = option("", help=f"Ollama server URL; empty uses $OLLAMA_HOST or {DEFAULT_OLLAMA_HOST}.")
     ollama_parallel: int = option(
         1, help="Requests sent to Ollama at once; match the server's OLLAMA_NUM_PARALLEL.", min=1, max=64
+    )
+    openai_base_url: str = option(
+        "",
+        help="URL of an OpenAI-compatible server for the openai backend (vLLM, llama-server, TGI, LM Studio), e.g."
+        " http://gpu-box:8000/v1; its API key, if it needs one, is read from $OPENAI_API_KEY and never stored.",
+    )
+    openai_server: str = option(
+        "vllm",
+        help="What serves that URL, which decides how top_k and the repeat penalty are sent: vllm, llama-server,"
+        " lmstudio, tgi or openai (which take no top_k; openai no repeat penalty either).",
+        choices=OPENAI_SERVERS,
+    )
+    openai_parallel: int = option(
+        4, help="Requests sent to the OpenAI-compatible server at once (its parallel slots).", min=1, max=256
     )
     llamacpp_parallel: int = option(
         16,  # the sweep benchmark's fastest on 2 cores: 8 sequences 77 tokens/s, 16: 90, 32: 87
@@ -58,6 +73,9 @@ class WorkbenchSettings(Config):
         host = self.ollama_host.strip()
         if host and not host.startswith(("http://", "https://")) and ":" not in host:
             raise BadInput(f"Ollama host {host!r} should look like http://127.0.0.1:11434")
+        url = self.openai_base_url.strip()
+        if url and not url.startswith(("http://", "https://")):
+            raise BadInput(f"the OpenAI-compatible server URL {url!r} should look like http://127.0.0.1:8000/v1")
         storage = self.optuna_storage.strip()
         if storage and not storage.startswith(OPTUNA_STORAGE_SCHEMES):
             raise BadInput(f"Optuna storage should be a URL such as postgresql://user@host/db, got {storage!r}")
@@ -114,6 +132,8 @@ def resolve_generator(store: Store, backend: str, model: str = "", progress: mod
         return models.resolve_generator(pinned_generator(store, backend, model), backend, progress)
     if backend == "ollama" and not model:
         raise BadInput("the ollama backend needs a model name (e.g. llama2:7b)")
+    if backend == "openai" and not model:
+        raise BadInput("the openai backend needs the name of a model its server serves (see its /v1/models)")
     return model or backend
 
 
@@ -126,12 +146,20 @@ def resolve_scorer(store: Store, model: str = "") -> str:
 
 
 def backend_options(store: Store, backend: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`options` completed from Settings (the Ollama server and how many requests it takes at once)."""
+    """`options` completed from Settings (the Ollama or OpenAI-compatible server and how many requests it takes at
+    once)."""
     options = dict(options or {})
     if backend == "ollama":
         chosen = load(store)
         options.setdefault("host", chosen.effective_ollama_host)
         options.setdefault("parallel", chosen.ollama_parallel)
+    if backend == "openai":
+        chosen = load(store)
+        if not (options.get("base_url") or chosen.openai_base_url):
+            raise BadInput("set the OpenAI-compatible server's URL in Settings first (e.g. http://127.0.0.1:8000/v1)")
+        options.setdefault("base_url", chosen.openai_base_url)
+        options.setdefault("server", chosen.openai_server)
+        options.setdefault("parallel", chosen.openai_parallel)
     return options
 
 

@@ -52,7 +52,9 @@ class SweepConfig(Config):
     )
     baseline: DecodingParams = option(DecodingParams(), help="values of the parameters not in the grid")
     backend: str = option(
-        "llamacpp", help="llamacpp (embedded), transformers or ollama", choices=(*USER_BACKENDS, "echo")
+        "llamacpp",
+        help="llamacpp (embedded), transformers, ollama or openai (an OpenAI-compatible server, see Settings)",
+        choices=(*USER_BACKENDS, "echo"),
     )
     model: str = option(
         "", help="model name or path; empty: the Settings' generator for this backend, else the embedded model"

@@ -23,8 +23,11 @@ backend_name = top1.selectbox("Backend", USER_BACKENDS, help="llamacpp: the embe
 model = top2.text_input(
     "Model",
     "",
-    placeholder="embedded Gemma 3 270M" if backend_name != "ollama" else "e.g. llama2:7b",
-    help="A GGUF file (llamacpp), a checkpoint folder (transformers) or an Ollama model name",
+    placeholder={"ollama": "e.g. llama2:7b", "openai": "a model the server serves"}.get(
+        backend_name, "embedded Gemma 3 270M"
+    ),
+    help="A GGUF file (llamacpp), a checkpoint folder (transformers), an Ollama model name, or the name of a model"
+    " the OpenAI-compatible server of Settings serves (openai)",
 )
 side_by_side = top3.toggle("Two settings side by side", value=False)
 
@@ -68,7 +71,8 @@ if run and all(chosen):
         note = st.empty()
         resolved = settings.resolve_generator(store, backend_name, model, progress=note.info)
         note.empty()
-        return ui.loaded_backend(backend_name, resolved, settings.backend_options(store, backend_name).get("host", ""))
+        options = settings.backend_options(store, backend_name)
+        return ui.loaded_backend(backend_name, resolved, tuple(sorted(options.items())))
 
     backend = ui.attempt(configured_backend)
     prompt = ui.attempt(lambda: render_prompt(question, template))

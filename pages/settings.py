@@ -67,6 +67,9 @@ with st.form("settings"):
         labels={
             "ollama_host": "Ollama host",
             "ollama_parallel": "Parallel Ollama requests",
+            "openai_base_url": "OpenAI-compatible server URL",
+            "openai_server": "It is served by",
+            "openai_parallel": "Parallel requests to it",
             "llamacpp_parallel": "Parallel llama.cpp sequences",
             "generator_model": "Generator model (transformers, training)",
             "generator_gguf": "Generator GGUF (llama.cpp)",
@@ -75,6 +78,7 @@ with st.form("settings"):
         },
         widgets={
             "ollama_host": {"placeholder": settings.DEFAULT_OLLAMA_HOST},
+            "openai_base_url": {"placeholder": "http://gpu-box:8000/v1 (vLLM, llama-server, TGI, LM Studio)"},
             "generator_model": {"placeholder": "embedded Gemma 3 270M checkpoint"},
             "generator_gguf": {"placeholder": "embedded Gemma 3 270M GGUF"},
             "scorer_model": {"placeholder": "embedded all-MiniLM-L6-v2"},

@@ -87,6 +87,11 @@ def answer_text(prompt: str, options: Mapping[str, Any] | None = None) -> str:
 class OllamaStandin:
     """An Ollama look-alike on 127.0.0.1 and a random free port, served from a thread."""
 
+    @property
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """The API it speaks (a subclass speaks another)."""
+        return _Handler
+
     def __init__(
         self,
         models: Sequence[str] = DEFAULT_MODELS,
@@ -129,7 +134,7 @@ class OllamaStandin:
         if self._server is not None:
             return self
         self._stopping.clear()
-        self._server = _Server(("127.0.0.1", self.port), _Handler, self)
+        self._server = _Server(("127.0.0.1", self.port), self.handler, self)
         self.port = self._server.server_address[1]  # later restarts reuse the same port
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.02,), name="ollama-standin", daemon=True

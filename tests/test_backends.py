@@ -67,11 +67,12 @@ def test_streamed_pieces_stop_at_a_stop_string_split_across_pieces():
 
 
 def test_the_registry_knows_every_backend_and_refuses_others():
-    assert set(USER_BACKENDS) == {"llamacpp", "transformers", "ollama"}
+    assert set(USER_BACKENDS) == {"llamacpp", "transformers", "ollama", "openai"}
     with pytest.raises(BadInput, match="unknown backend"):
         make_backend("gpt")
-    with pytest.raises(BadInput, match="model name"):
-        make_backend("ollama")
+    for server in ("ollama", "openai"):
+        with pytest.raises(BadInput, match="model name"):
+            make_backend(server)
     echo = make_backend("echo")
     assert isinstance(echo, Backend) and echo.generate(["hi there"], GREEDY) == ["You asked: hi there"]
 

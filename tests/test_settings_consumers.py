@@ -158,7 +158,7 @@ def test_the_playground_answers_with_the_settings_generator_and_scores_with_the_
     override(store, generator_model=str(tiny_llama), scorer_model=str(tiny_bert))
     asked = {}
 
-    def echo_backend(name, model, host=""):
+    def echo_backend(name, model, options=()):
         asked["backend"] = (name, model)
         return make_backend("echo")
 

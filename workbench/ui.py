@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -228,15 +229,15 @@ JOB_COLUMNS = {
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model ...")
-def loaded_backend(name: str, model: str, host: str = ""):
-    """A backend kept loaded across reruns and sessions, so the next answer starts at once.
+def loaded_backend(name: str, model: str, options: tuple[tuple[str, Any], ...] = ()):
+    """A backend kept loaded across reruns and sessions, so the next answer starts at once; `options` (a server's
+    URL, say) as sorted pairs, so that a change in Settings gives another backend.
 
     Native engines run in a process of their own: a crash there is an error banner, not the end of the app.
     """
     from core.engine_process import isolated_backend
 
-    options = {"host": host} if name == "ollama" else {}
-    return isolated_backend(name, model or None, **options)
+    return isolated_backend(name, model or None, **dict(options))
 
 
 @st.cache_data(ttl=3600, show_spinner="Asking the llama.cpp engine for its CPU features ...")

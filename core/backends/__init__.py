@@ -16,13 +16,19 @@ BACKENDS: dict[str, str] = {
     "llamacpp": "core.backends.llamacpp:LlamaCppBackend",
     "transformers": "core.backends.hf:TransformersBackend",
     "ollama": "core.backends.ollama:OllamaBackend",
+    "openai": "core.backends.openai_api:OpenAICompatibleBackend",
     "echo": "core.backends.echo:EchoBackend",
 }
 # Backends that run a native engine in the calling process (a long-lived process isolates them:
 # core.engine_process).
 NATIVE_BACKENDS = ("llamacpp", "transformers")
 # What a person picks from; `echo` exists for tests and demos of the plumbing.
-USER_BACKENDS = ("llamacpp", "transformers", "ollama")
+USER_BACKENDS = ("llamacpp", "transformers", "ollama", "openai")
+# What may serve the openai backend's URL: it decides how top_k and the repeat penalty are named
+# (core.backends.openai_api.SERVER_PARAMETERS).
+OPENAI_SERVERS = ("vllm", "llama-server", "lmstudio", "tgi", "openai")
+# Backends that answer from a server and need a model name: the server's.
+SERVER_BACKENDS = ("ollama", "openai")
 
 
 def make_backend(name: str, model: str | None = None, **options: Any) -> Backend:
@@ -30,6 +36,6 @@ def make_backend(name: str, model: str | None = None, **options: Any) -> Backend
         raise BadInput(f"unknown backend {name!r}; choose one of {', '.join(USER_BACKENDS)}")
     module, _, cls = BACKENDS[name].partition(":")
     backend_cls = getattr(importlib.import_module(module), cls)
-    if model is None and name == "ollama":
-        raise BadInput("the ollama backend needs a model name (e.g. --model llama2:7b)")
+    if model is None and name in SERVER_BACKENDS:
+        raise BadInput(f"the {name} backend needs a model name (e.g. --model llama2:7b)")
     return backend_cls(model, **options) if model is not None else backend_cls(**options)

@@ -11,12 +11,15 @@ produced so far, for tokens/s.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from core.decoding import DecodingParams
 from core.errors import BackendError
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -92,6 +95,20 @@ def answers_as_done(
         seconds = (time.monotonic() - began) / (end - start)
         yield from (Answer(start + k, text, seconds) for k, text in enumerate(texts))
         start = end
+
+
+def in_parallel(work: Callable[[T], str], items: Sequence[T], parallel: int, name: str) -> list[str]:
+    """`work` on each item, up to `parallel` at once (threads), results in order; on the first failure the items
+    not started yet are never sent (a server's requests, say)."""
+    if parallel == 1 or len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(parallel, len(items)), thread_name_prefix=name) as pool:
+        futures = [pool.submit(work, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

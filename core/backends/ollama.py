@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import ollama
 
-from core.backends.base import cut_at_stop, visible_pieces
+from core.backends.base import cut_at_stop, in_parallel, visible_pieces
 from core.decoding import DecodingParams
 from core.errors import (
     BackendBusy,
@@ -259,15 +258,7 @@ class OllamaBackend:
         requests = [
             build_generate_request(self.model, p, params, stream=False, stop=stop, schema=schema) for p in prompts
         ]
-        if self.parallel == 1 or len(requests) <= 1:
-            return [self._generate_one(r, stop) for r in requests]
-        with ThreadPoolExecutor(max_workers=min(self.parallel, len(requests)), thread_name_prefix="ollama") as pool:
-            futures = [pool.submit(self._generate_one, r, stop) for r in requests]
-            try:
-                return [f.result() for f in futures]
-            finally:  # on the first failure, do not send the requests still queued
-                for f in futures:
-                    f.cancel()
+        return in_parallel(lambda r: self._generate_one(r, stop), requests, self.parallel, "ollama")
 
     def stream(self, prompt: str, params: DecodingParams, stop: Sequence[str] = ()) -> Iterator[str]:
         """The answer's text pieces as Ollama produces them, trimmed like `generate`'s answer."""
