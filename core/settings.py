@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core import models
-from core.backends import OPENAI_SERVERS
+from core.backends import OPENAI_SERVERS, server_urls
 from core.config import Config, option, specs
 from core.errors import BadInput
 from core.store import Store
@@ -29,14 +29,19 @@ OPTUNA_STORAGE_SCHEMES = ("postgresql://", "postgresql+", "mysql://", "mysql+", 
 class WorkbenchSettings(Config):
     what = "workbench setting"
 
-    ollama_host: str = option("", help=f"Ollama server URL; empty uses $OLLAMA_HOST or {DEFAULT_OLLAMA_HOST}.")
+    ollama_host: str = option(
+        "",
+        help=f"Ollama server URL; empty uses $OLLAMA_HOST or {DEFAULT_OLLAMA_HOST}. Several, comma-separated, share"
+        " the requests (each with its own parallel slots; one that goes away leaves its share to the others).",
+    )
     ollama_parallel: int = option(
         1, help="Requests sent to Ollama at once; match the server's OLLAMA_NUM_PARALLEL.", min=1, max=64
     )
     openai_base_url: str = option(
         "",
         help="URL of an OpenAI-compatible server for the openai backend (vLLM, llama-server, TGI, LM Studio), e.g."
-        " http://gpu-box:8000/v1; its API key, if it needs one, is read from $OPENAI_API_KEY and never stored.",
+        " http://gpu-box:8000/v1; several, comma-separated, share the requests. Its API key, if it needs one, is read"
+        " from $OPENAI_API_KEY and never stored.",
     )
     openai_server: str = option(
         "vllm",
@@ -70,12 +75,12 @@ class WorkbenchSettings(Config):
     )
 
     def _check(self) -> None:
-        host = self.ollama_host.strip()
-        if host and not host.startswith(("http://", "https://")) and ":" not in host:
-            raise BadInput(f"Ollama host {host!r} should look like http://127.0.0.1:11434")
-        url = self.openai_base_url.strip()
-        if url and not url.startswith(("http://", "https://")):
-            raise BadInput(f"the OpenAI-compatible server URL {url!r} should look like http://127.0.0.1:8000/v1")
+        for host in server_urls(self.ollama_host):
+            if not host.startswith(("http://", "https://")) and ":" not in host:
+                raise BadInput(f"Ollama host {host!r} should look like http://127.0.0.1:11434")
+        for url in server_urls(self.openai_base_url):
+            if not url.startswith(("http://", "https://")):
+                raise BadInput(f"the OpenAI-compatible server URL {url!r} should look like http://127.0.0.1:8000/v1")
         storage = self.optuna_storage.strip()
         if storage and not storage.startswith(OPTUNA_STORAGE_SCHEMES):
             raise BadInput(f"Optuna storage should be a URL such as postgresql://user@host/db, got {storage!r}")
@@ -165,7 +170,7 @@ def backend_options(store: Store, backend: str, options: dict[str, Any] | None =
 
 def backend_for(store: Store, backend: str, model: str = "", **options: Any) -> Backend:
     """A backend configured from Settings: its model as `resolve_generator` finds it, its options as
-    `backend_options` completes them."""
+    `backend_options` completes them (several server URLs: a pool, see make_backend)."""
     from core.backends import make_backend  # the engines' imports are heavy; most users of Settings need none
 
     return make_backend(backend, resolve_generator(store, backend, model), **backend_options(store, backend, options))

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from core import jobs, models, settings, workspace
+from core.backends import server_urls
 from core.errors import WorkbenchError
 from workbench import forms, ui
 
@@ -34,26 +35,30 @@ if not all(s.ready for s in states):
         ui.job_panel(st.session_state["prepare_job"])
 
 st.subheader("Ollama")
-host = current.effective_ollama_host
-st.caption(f"Server in use: {ui.plain(host)}")
+hosts = server_urls(current.effective_ollama_host)
+st.caption(f"Server{'s' if len(hosts) > 1 else ''} in use: {ui.plain(', '.join(hosts))}")
 
 
 @st.fragment
 def ollama_check() -> None:
-    """Asks the server on every visit (a refused connection answers at once); a button asks again."""
+    """Asks each server on every visit (a refused connection answers at once); a button asks again."""
     from core.backends.ollama import OllamaBackend
 
     st.button("Check again", icon=":material/refresh:")
-    try:
-        with OllamaBackend("", host=host, timeout=3.0) as backend:
-            version, names = backend.version(), backend.models()
-    except WorkbenchError as exc:
-        st.warning(f"{ui.plain(exc)} The embedded llama.cpp backend works without it.", icon=":material/cloud_off:")
-        return
-    # the version is whatever the server says: shown as text, never as Markdown
-    st.success(f"Ollama {ui.plain(version)} is reachable with {len(names)} model(s).", icon=":material/cloud_done:")
-    if names:
-        st.dataframe(pd.DataFrame({"model": names}), hide_index=True)
+    for host in hosts:
+        try:
+            with OllamaBackend("", host=host, timeout=3.0) as backend:
+                version, names = backend.version(), backend.models()
+        except WorkbenchError as exc:
+            st.warning(f"{ui.plain(exc)} The embedded llama.cpp backend works without it.", icon=":material/cloud_off:")
+            continue
+        # the version is whatever the server says: shown as text, never as Markdown
+        st.success(
+            f"Ollama {ui.plain(version)} at {ui.plain(host)} is reachable with {len(names)} model(s).",
+            icon=":material/cloud_done:",
+        )
+        if names:
+            st.dataframe(pd.DataFrame({"model": names}), hide_index=True)
 
 
 ollama_check()

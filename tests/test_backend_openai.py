@@ -127,9 +127,69 @@ def test_an_openai_sweep_checks_every_parameter_pauses_when_the_server_vanishes_
     sent = server.completions()
     assert {(b["top_p"], b["temperature"]) for b in sent} == {(0.5, 0.0), (0.8, 0.0), (0.5, 0.3), (0.8, 0.3)}
     assert all((b["top_k"], b["max_tokens"], b["repetition_penalty"], b["seed"]) == (12, 5, 1.2, 9) for b in sent)
-    answers = starter.query(
+    answers = sweep_answers(starter, sweep_id)
+    assert len(answers) == 4 * 5 and {r["n"] for r in answers} == {1}  # every answer exactly once
+
+
+def sweep_answers(store, sweep_id: int) -> list:
+    return store.query(
         "SELECT g.run_id, g.pair_id, COUNT(*) AS n FROM generations g JOIN runs r ON r.id = g.run_id"
         " WHERE r.sweep_id = ? GROUP BY g.run_id, g.pair_id",
         (sweep_id,),
     )
-    assert len(answers) == 4 * 5 and {r["n"] for r in answers} == {1}  # every answer exactly once
+
+
+def test_a_two_server_sweep_where_one_dies_finishes_on_the_other_with_every_answer_once(starter):
+    with OpenAIStandin(delay=0.1) as first, OpenAIStandin(delay=0.1) as second:
+        urls = f"{first.base_url}, {second.base_url}"
+        settings.save(starter, settings.WorkbenchSettings(openai_base_url=urls, openai_parallel=2))
+        config = SweepConfig(
+            dataset="starter",
+            backend="openai",
+            model="standin-7b",
+            baseline=PARAMS,
+            grid={"temperature": [0.0, 0.3]},
+            limit=10,  # of the 11 validation questions
+        )
+        sweep_id, job_id = sweep.start_sweep(starter, config)
+        wait_until(lambda: len(second.completions()) >= 2)
+        second.stop()
+        job = jobs.wait(starter, job_id, timeout=120)
+        assert job.state == "done", job.message  # not paused: the first server took the rest
+        answered = len(first.completions()), len(second.completions())
+        assert answered[0] > 0 and answered[1] >= 2 and sum(answered) >= 20
+        answers = sweep_answers(starter, sweep_id)
+        assert len(answers) == 2 * 10 and {r["n"] for r in answers} == {1}
+
+
+def test_when_every_server_is_gone_the_sweep_pauses_and_resumes_on_the_one_back(starter):
+    with OpenAIStandin(delay=0.1) as first, OpenAIStandin(delay=0.1) as second:
+        settings.save(starter, settings.WorkbenchSettings(openai_base_url=f"{first.base_url},{second.base_url}"))
+        config = SweepConfig(
+            dataset="starter", backend="openai", model="standin-7b", baseline=PARAMS, grid={"top_p": [0.5]}, limit=10
+        )
+        sweep_id, job_id = sweep.start_sweep(starter, config)
+        wait_until(lambda: jobs.get(starter, job_id).done >= 2)
+        first.stop()
+        second.stop()
+        job = jobs.wait(starter, job_id, timeout=60)
+        assert job.state == "interrupted" and "not reachable" in job.message
+        second.start()
+        jobs.resume(starter, job_id)
+        assert jobs.wait(starter, job_id, timeout=60).state == "done"
+        answers = sweep_answers(starter, sweep_id)
+        assert len(answers) == 10 and {r["n"] for r in answers} == {1}
+
+
+def test_several_ollama_hosts_share_the_requests_too(store):
+    from core.backends.pool import ServerPool
+    from tests.ollama_standin import OllamaStandin
+
+    with OllamaStandin(delay=0.05) as first, OllamaStandin(delay=0.05) as second:
+        settings.save(store, settings.WorkbenchSettings(ollama_host=f"{first.url},{second.url}", ollama_parallel=2))
+        pool = settings.backend_for(store, "ollama", "standin-tiny")
+        assert isinstance(pool, ServerPool) and pool.parallel == 4
+        prompts = [f"question {i}" for i in range(12)]
+        assert pool.generate(prompts, DecodingParams(temperature=0)) == prompts
+        asked = [len([r for r in s.requests if r.path == "/api/generate"]) for s in (first, second)]
+        assert sum(asked) == 12 and min(asked) >= 3

@@ -344,7 +344,8 @@ def test_settings_show_the_servers_version_as_written(monkeypatch):
         app = AppTest.from_file("../workbench/app.py", default_timeout=60)
         app.switch_page("../pages/settings.py").run()
     assert not app.exception
-    assert f"Ollama {ui.plain(MARKDOWN_TEXT)} is reachable with 2 model(s)." in [s.value for s in app.success]
+    shown = f"Ollama {ui.plain(MARKDOWN_TEXT)} at {ui.plain(server.url)} is reachable with 2 model(s)."
+    assert shown in [s.value for s in app.success]
 
 
 def test_settings_show_an_error_from_the_server_as_written(monkeypatch):

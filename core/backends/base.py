@@ -25,7 +25,11 @@ T = TypeVar("T")
 @runtime_checkable
 class Backend(Protocol):
     name: str
-    completion_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens produced so far, for tokens/s (read-only to callers)."""
+        ...
 
     def generate(
         self,
