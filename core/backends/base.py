@@ -115,6 +115,12 @@ def in_parallel(work: Callable[[T], str], items: Sequence[T], parallel: int, nam
                 f.cancel()
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """A server's message as one line of at most `limit` characters (what a banner or a job message shows)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The text up to the first stop string, for engines that cannot stop by themselves."""
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import ollama
 
-from core.backends.base import cut_at_stop, in_parallel, visible_pieces
+from core.backends.base import cut_at_stop, in_parallel, one_line, visible_pieces
 from core.decoding import DecodingParams
 from core.errors import (
     BackendBusy,
@@ -168,7 +168,7 @@ def parse_chunk(chunk: Mapping[str, Any] | ollama.GenerateResponse | ollama.Chat
     """
     error = chunk.get("error")
     if error:
-        raise BackendError(f"Ollama failed mid-answer: {_one_line(str(error))}")
+        raise BackendError(f"Ollama failed mid-answer: {one_line(str(error))}")
     text = chunk.get("response")
     if text is None:
         message = chunk.get("message")
@@ -181,7 +181,7 @@ def to_backend_error(exc: BaseException, model: str, host: str, *, timeout: floa
     if isinstance(exc, BackendError):
         return exc
     if isinstance(exc, ollama.ResponseError):
-        status, message = exc.status_code, _one_line(str(exc.error))
+        status, message = exc.status_code, one_line(str(exc.error))
         if status == 404 and ("model" in message.lower() or not message):
             return ModelNotFound(
                 f"Ollama at {host} has no model {model!r} — run `ollama pull {model}` or pick one from `ollama list`"
@@ -205,18 +205,13 @@ def to_backend_error(exc: BaseException, model: str, host: str, *, timeout: floa
     if isinstance(exc, (ConnectionError, httpx.ConnectError)):  # the client raises ConnectionError
         return BackendUnavailable(f"Ollama at {host} is not reachable — is `ollama serve` running?")
     if isinstance(exc, ollama.RequestError):
-        return BackendError(f"Ollama request not sent: {_one_line(str(exc.error))}")
+        return BackendError(f"Ollama request not sent: {one_line(str(exc.error))}")
     if isinstance(exc, _UNREADABLE_REPLY):
         return BackendError(
-            f"Ollama at {host} sent a reply the client cannot read ({_one_line(str(exc), 120)}) "
+            f"Ollama at {host} sent a reply the client cannot read ({one_line(str(exc), 120)}) "
             "— is that address an Ollama server?"
         )
-    return BackendError(f"Ollama at {host} failed: {type(exc).__name__}: {_one_line(str(exc))}")
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return BackendError(f"Ollama at {host} failed: {type(exc).__name__}: {one_line(str(exc))}")
 
 
 # --------------------------------------------------------------------------- transport

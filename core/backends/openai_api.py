@@ -23,7 +23,7 @@ from typing import Any
 
 import openai
 
-from core.backends.base import cut_at_stop, in_parallel, visible_pieces
+from core.backends.base import cut_at_stop, in_parallel, one_line, visible_pieces
 from core.decoding import DecodingParams
 from core.errors import BackendBusy, BackendError, BackendTimeout, BackendUnavailable, BadInput, ModelNotFound
 
@@ -90,8 +90,8 @@ def to_backend_error(exc: BaseException, model: str, url: str, *, timeout: float
     if isinstance(exc, openai.APIStatusError):
         return BackendError(f"the server at {url} failed with {model!r} (HTTP {exc.status_code}): {_message(exc)}")
     if isinstance(exc, openai.OpenAIError):
-        return BackendError(f"the server at {url} sent a reply the client cannot read: {_one_line(str(exc))}")
-    return BackendError(f"the server at {url} failed: {type(exc).__name__}: {_one_line(str(exc))}")
+        return BackendError(f"the server at {url} sent a reply the client cannot read: {one_line(str(exc))}")
+    return BackendError(f"the server at {url} failed: {type(exc).__name__}: {one_line(str(exc))}")
 
 
 def _message(exc: openai.APIStatusError) -> str:
@@ -99,13 +99,8 @@ def _message(exc: openai.APIStatusError) -> str:
     if isinstance(body, Mapping):
         error = body.get("error", body)
         text = error.get("message") if isinstance(error, Mapping) else error
-        return _one_line(str(text or exc.message))
-    return _one_line(exc.message)
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return one_line(str(text or exc.message))
+    return one_line(exc.message)
 
 
 class OpenAICompatibleBackend:

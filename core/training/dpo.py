@@ -22,6 +22,8 @@ from core.training.data import collate, token_example
 from core.training.devices import device, to_device
 from core.training.loss import sequence_logps
 
+FIGURES = ("reward_margin", "preference_accuracy", "chosen_reward", "rejected_reward")  # per step, beside the loss
+
 
 def build_preference_examples(tokenizer, triples: list[Preference], template: str, max_seq_len: int) -> list[dict]:
     """Token ids and labels of each triple's two answers after the same prompt; a triple where either answer

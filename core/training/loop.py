@@ -30,6 +30,7 @@ from core.train_dir import TrainDir
 from core.training.checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
 from core.training.data import PinnedPairs, build_examples, collate, length_grouped_batches, pinned_pairs
 from core.training.devices import all_sum, peak_memory_mb, sum_gradients, to_device, world
+from core.training.dpo import FIGURES as DPO_FIGURES
 from core.training.dpo import add_references, batch_dpo_loss, build_preference_examples, preference_eval
 from core.training.loss import answer_loss, eval_loss
 from core.training.metrics import forget_after, log, record
@@ -265,12 +266,13 @@ def _step(run: _Run, group: list[list[int]]) -> dict[str, float]:
     """One optimizer step over a group of batches (this process takes every world-th of them); its figures, each a
     mean over the group's batches (DPO's reward margin and preference accuracy among them)."""
     started, tokens = time.perf_counter(), 0.0  # tokens: a float once summed over processes
-    sums: dict[str, float] = {"train_loss": 0.0}
+    # Every process sums the same names, also one without a batch in this step (several processes).
+    sums = dict.fromkeys(("train_loss", *(DPO_FIGURES if run.dpo else ())), 0.0)
     for indices in group[run.rank :: run.world]:
         loss, figures, taken = run.batch_loss([run.train_examples[i] for i in indices])
         (loss / len(group)).backward()
         for name, value in {"train_loss": loss.item(), **figures}.items():
-            sums[name] = sums.get(name, 0.0) + value
+            sums[name] += value
         tokens += taken
     if run.world > 1:
         sum_gradients(run.trainable)
