@@ -84,9 +84,20 @@ def click_button(page, name: str) -> None:
 
 
 def choose(page, label: str, option: str) -> None:
-    """Pick an option of a Streamlit selectbox by its label."""
-    page.locator("[data-testid='stSelectbox']").filter(has_text=label).locator("input").first.click()
-    page.get_by_role("option", name=option, exact=True).click()
+    """Pick an option of a Streamlit selectbox by its label. The list is opened again when it closed before the
+    option showed (a late layout change on a long page, e.g. a data grid drawing its canvas, closes it)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.locator("[data-testid='stSelectbox']").filter(has_text=label).locator("input").first
+    wanted = page.get_by_role("option", name=option, exact=True)
+    for _ in range(3):
+        box.click()
+        try:
+            wanted.wait_for(timeout=5000)
+            break
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    wanted.click()
     page.wait_for_timeout(300)
 
 

@@ -112,7 +112,7 @@ def test_text_and_json_values_arrive_as_the_fields_types():
         (SweepConfig, {"dataset": "d", "grid": {"top_p": [1]}, "trials": -1}, "trials must be at least 0"),
         (SweepConfig, {"dataset": "d", "grid": {"top_p": [1]}, "mode": "optuna", "trials": 0}, "at least one trial"),
         (SweepConfig, {"dataset": "d", "grid": {}}, "the grid is empty"),
-        (TrainConfig, {"dataset": "d", "method": "full"}, "method must be one of qlora, lora, got 'full'"),
+        (TrainConfig, {"dataset": "d", "method": "full"}, "method must be one of qlora, lora, dpo, got 'full'"),
         (TrainConfig, {"dataset": "d", "scheduler": "step"}, "scheduler must be one of"),
         (TrainConfig, {"dataset": "d", "evaluate_with": "ollama"}, "evaluate_with must be one of"),
         (TrainConfig, {"dataset": "d", "batch_size": 0}, "batch_size must be at least 1"),
@@ -141,7 +141,7 @@ def test_the_metadata_is_what_the_cli_and_the_forms_read():
     assert (temperature.kind, temperature.min, temperature.max, temperature.default) == (float, 0.0, 2.0, 0.7)
     assert spec(DecodingParams, "seed").optional
     assert spec(SweepConfig, "mode").choices == ("product", "one-at-a-time", "optuna")
-    assert spec(TrainConfig, "method").choices == ("qlora", "lora")
+    assert spec(TrainConfig, "method").choices == ("qlora", "lora", "dpo")
     assert spec(TrainConfig, "dataset").required
     # A search sets these for its trials; the CLI offers no flag for them.
     assert SEARCH_FIELDS == ("split_id", "cv_folds", "cv_fold", "selection")
